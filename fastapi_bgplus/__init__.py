@@ -1,0 +1,41 @@
+"""Drop-in `BackgroundTasks` for FastAPI and Starlette: task ids and status,
+per-task error isolation, blinker signals, a dedicated thread limiter and a
+lifespan hook that drains tasks at shutdown."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import signals
+from ._handle import TaskHandle, TaskStatus
+from ._limiter import DEFAULT_THREAD_LIMIT, current_thread_limiter
+from ._tasks import TrackedBackgroundTasks
+from ._tracker import DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, TaskTracker
+
+__all__ = [
+    "DEFAULT_HISTORY_SIZE",
+    "DEFAULT_HISTORY_TTL",
+    "DEFAULT_THREAD_LIMIT",
+    "BackgroundTasks",
+    "TaskHandle",
+    "TaskStatus",
+    "TaskTracker",
+    "TrackedBackgroundTasks",
+    "current_thread_limiter",
+    "get_background_tasks",
+    "signals",
+]
+
+if TYPE_CHECKING:
+    from ._fastapi import BackgroundTasks, get_background_tasks
+else:
+    try:
+        from ._fastapi import BackgroundTasks, get_background_tasks
+    except ModuleNotFoundError as exc:  # pragma: no cover  (tested in a subprocess)
+        if exc.name != "fastapi":
+            raise
+        # Starlette alone: the name still builds collections by hand.
+        BackgroundTasks = TrackedBackgroundTasks
+        __all__.remove("get_background_tasks")
+
+__version__ = "0.1.0"

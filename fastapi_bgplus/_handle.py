@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+
+__all__ = ["TaskHandle", "TaskStatus"]
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a background task is in its life.
+
+    A `str` enum, so ``handle.status == "done"`` holds for a finished task.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_FINISHED = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+def _callable_name(func: Any) -> str:
+    while isinstance(func, functools.partial):
+        func = func.func
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if qualname is None:  # an instance whose __call__ does the work
+        qualname = type(func).__qualname__
+        module = type(func).__module__
+    return f"{module}.{qualname}" if module else qualname
+
+
+class TaskHandle:
+    """The id, status and timings of one background task.
+
+    Returned by `add_task()`. Handles never hold the task's arguments, so they
+    are safe to keep, log and serialise.
+    """
+
+    __slots__ = (
+        "task_id",
+        "name",
+        "status",
+        "error",
+        "_created_wall",
+        "_created_mono",
+        "_started_mono",
+        "_finished_mono",
+        "_finished_event",
+    )
+
+    def __init__(self, name: str) -> None:
+        # 128 bits from the OS's cryptographic source: ids are unguessable, so
+        # the status route needs no further access control to stay private.
+        self.task_id: str = os.urandom(16).hex()
+        self.name: str = name
+        self.status: TaskStatus = TaskStatus.PENDING
+        self.error: BaseException | None = None
+        # One wall-clock reading; later timestamps are derived from the
+        # monotonic clock, which is cheaper and cannot jump.
+        self._created_wall = time.time()
+        self._created_mono = time.perf_counter()
+        self._started_mono: float | None = None
+        self._finished_mono: float | None = None
+        self._finished_event: anyio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id[:6]}… {self.status.value} {self.name}>"
+
+    def _wall(self, mono: float | None) -> datetime | None:
+        if mono is None:
+            return None
+        seconds = self._created_wall + (mono - self._created_mono)
+        return datetime.fromtimestamp(seconds, timezone.utc)
+
+    @property
+    def created_at(self) -> datetime:
+        """When `add_task()` was called (timezone-aware UTC)."""
+        return datetime.fromtimestamp(self._created_wall, timezone.utc)
+
+    @property
+    def started_at(self) -> datetime | None:
+        """When the task started running, or `None` if it never did."""
+        return self._wall(self._started_mono)
+
+    @property
+    def finished_at(self) -> datetime | None:
+        """When the task reached its end state, or `None` while it has not."""
+        return self._wall(self._finished_mono)
+
+    @property
+    def duration_s(self) -> float | None:
+        """Run time in seconds, from a monotonic clock; `None` unless it ran and ended."""
+        if self._started_mono is None or self._finished_mono is None:
+            return None
+        return self._finished_mono - self._started_mono
+
+    @property
+    def finished(self) -> bool:
+        """Whether the task has reached an end state: done, failed or cancelled."""
+        return self.status in _FINISHED
+
+    async def wait(self) -> None:
+        """Return once the task has reached an end state, whichever it is."""
+        if self.finished:
+            return
+        if self._finished_event is None:
+            self._finished_event = anyio.Event()
+        await self._finished_event.wait()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary: no arguments, no exception message."""
+        started_at = self.started_at
+        finished_at = self.finished_at
+        return {
+            "task_id": self.task_id,
+            "name": self.name,
+            "status": self.status.value,
+            "created_at": self.created_at.isoformat(),
+            "started_at": started_at.isoformat() if started_at else None,
+            "finished_at": finished_at.isoformat() if finished_at else None,
+            "duration_s": self.duration_s,
+            "error": type(self.error).__name__ if self.error is not None else None,
+        }
+
+    def _start(self) -> None:
+        self.status = TaskStatus.RUNNING
+        self._started_mono = time.perf_counter()
+
+    def _finish(self, status: TaskStatus, error: BaseException | None = None) -> None:
+        self.status = status
+        self.error = error
+        self._finished_mono = time.perf_counter()
+        if self._finished_event is not None:
+            self._finished_event.set()

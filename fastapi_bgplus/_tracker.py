@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.types import Scope
+
+from ._handle import TaskHandle, TaskStatus
+from ._limiter import current_thread_limiter
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from ._tasks import TrackedBackgroundTasks
+
+__all__ = ["DEFAULT_HISTORY_SIZE", "DEFAULT_HISTORY_TTL", "TaskTracker"]
+
+logger = logging.getLogger("fastapi_bgplus")
+
+DEFAULT_HISTORY_SIZE = 10_000
+"""Finished handles a `TaskTracker` keeps for lookup, by default."""
+
+DEFAULT_HISTORY_TTL = 3600.0
+"""Seconds a finished handle stays available for lookup, by default."""
+
+_STATE_KEY = "fastapi_bgplus.tracker"
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+
+def tracker_of(scope: Scope) -> TaskTracker | None:
+    """The tracker serving the application of this request, if any."""
+    state = scope.get("state")
+    return state.get(_STATE_KEY) if state else None
+
+
+class TaskTracker:
+    """Lifespan hook that tracks background tasks, serves their status and drains them.
+
+    Pass `lifespan` (or `wrap(your_lifespan)`) to `FastAPI(...)` or
+    `Starlette(...)`. While the application runs, every task queued through
+    one of its requests is tracked: `get()` finds it by id, `in_flight` lists
+    those not yet finished. At shutdown the hook waits up to `drain_timeout`
+    seconds for them, then cancels what is left; every task cut off is logged
+    at WARNING and signalled with `task_abandoned`.
+
+    Parameters:
+        drain_timeout: Seconds to wait at shutdown for in-flight tasks.
+        history_size: Finished handles kept for `get()`; the oldest go first.
+        history_ttl: Seconds a finished handle is kept; `None` for no limit.
+        thread_limit: If set, the number of worker threads sync tasks may use
+            at once, applied at startup (see `current_thread_limiter()`).
+    """
+
+    def __init__(
+        self,
+        *,
+        drain_timeout: float = 30.0,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        history_ttl: float | None = DEFAULT_HISTORY_TTL,
+        thread_limit: int | None = None,
+    ) -> None:
+        if drain_timeout < 0:
+            raise ValueError(
+                f"drain_timeout must be a number of seconds >= 0, got {drain_timeout!r}"
+            )
+        if history_size < 0:
+            raise ValueError(f"history_size must be >= 0, got {history_size!r}")
+        if history_ttl is not None and history_ttl <= 0:
+            raise ValueError(
+                f"history_ttl must be > 0 seconds, or None to keep handles"
+                f" until history_size pushes them out; got {history_ttl!r}"
+            )
+        if thread_limit is not None and thread_limit < 1:
+            raise ValueError(f"thread_limit must be >= 1, got {thread_limit!r}")
+        self.drain_timeout = drain_timeout
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.thread_limit = thread_limit
+        self._live: dict[str, tuple[TaskHandle, TrackedBackgroundTasks]] = {}
+        self._history: OrderedDict[str, TaskHandle] = OrderedDict()
+        self._scopes: dict[TrackedBackgroundTasks, anyio.CancelScope] = {}
+        self._idle: anyio.Event | None = None
+        self._serving = False
+        self._counts = {TaskStatus.DONE: 0, TaskStatus.FAILED: 0, TaskStatus.CANCELLED: 0}
+
+    def __repr__(self) -> str:
+        return f"<TaskTracker in_flight={len(self._live)} history={len(self._history)}>"
+
+    # Lookup
+
+    def get(self, task_id: str) -> TaskHandle | None:
+        """The handle of the task with this id, or `None` if it is unknown or expired."""
+        entry = self._live.get(task_id)
+        if entry is not None:
+            return entry[0]
+        self._expire()
+        return self._history.get(task_id)
+
+    @property
+    def in_flight(self) -> list[TaskHandle]:
+        """Handles of the tracked tasks that have not finished, oldest first."""
+        return [handle for handle, _ in self._live.values()]
+
+    def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
+        """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
+
+        Unknown, expired or malformed ids get `404`. Keyword arguments go to
+        `fastapi.APIRouter` (``tags=``, ``dependencies=`` for auth, ...).
+        """
+        from fastapi import APIRouter, HTTPException
+
+        router = APIRouter(prefix=prefix, **kwargs)
+
+        @router.get("/{task_id}", summary="Status of a background task")
+        async def task_status(task_id: str) -> dict[str, Any]:
+            handle = self.get(task_id) if _TASK_ID.fullmatch(task_id) else None
+            if handle is None:
+                raise HTTPException(status_code=404, detail="Unknown task id")
+            return handle.to_dict()
+
+        return router
+
+    # Lifespan
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[dict[str, Any]]:
+        """The lifespan hook alone: ``FastAPI(lifespan=tracker.lifespan)``."""
+        async with self._serve():
+            yield {_STATE_KEY: self}
+
+    def wrap(self, lifespan: Lifespan) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
+        """Wrap the application's own lifespan: ``FastAPI(lifespan=tracker.wrap(lifespan))``.
+
+        Its startup runs first and its state reaches requests as before; at
+        shutdown the tasks are drained *before* its shutdown code runs, so
+        they can still use what it set up.
+        """
+
+        @asynccontextmanager
+        async def wrapped(app: Any) -> AsyncIterator[dict[str, Any]]:
+            async with lifespan(app) as state:
+                async with self._serve():
+                    yield {**(state or {}), _STATE_KEY: self}
+
+        return wrapped
+
+    @asynccontextmanager
+    async def _serve(self) -> AsyncIterator[None]:
+        if self._serving:
+            raise RuntimeError(
+                "This TaskTracker is already serving an application; create one"
+                " TaskTracker per application (or per worker process)"
+            )
+        self._serving = True
+        if self.thread_limit is not None:
+            current_thread_limiter().total_tokens = self.thread_limit
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._drain()
+            self._serving = False
+
+    async def _drain(self) -> None:
+        started = time.perf_counter()
+        in_flight = len(self._live)
+        if self._live:
+            logger.info(
+                "Shutting down: waiting up to %s s for %d background task(s)",
+                self.drain_timeout,
+                in_flight,
+            )
+            await self._wait_idle(self.drain_timeout)
+        if self._live:
+            await self._cut_off(
+                f"the application shut down and drain_timeout ({self.drain_timeout} s) ran out"
+            )
+        counts = self._counts
+        logger.log(
+            logging.WARNING if counts[TaskStatus.CANCELLED] else logging.INFO,
+            "Background tasks drained in %.2f s (%d in flight at shutdown);"
+            " since startup: %d done, %d failed, %d abandoned",
+            time.perf_counter() - started,
+            in_flight,
+            counts[TaskStatus.DONE],
+            counts[TaskStatus.FAILED],
+            counts[TaskStatus.CANCELLED],
+        )
+
+    async def _wait_idle(self, timeout: float) -> None:
+        self._idle = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+        self._idle = None
+
+    async def _cut_off(self, reason: str) -> None:
+        collections = {tasks for _, tasks in self._live.values()}
+        for tasks in collections:
+            tasks._cancel_reason = reason
+            scope = self._scopes.get(tasks)
+            if scope is not None:
+                scope.cancel()
+            else:
+                await tasks._abandon(0, reason)
+        if self._live:
+            # The cancelled collections report their own losses as they unwind.
+            await self._wait_idle(_UNWIND_GRACE)
+        for tasks in {tasks for _, tasks in self._live.values()}:
+            # A task that swallowed its cancellation is still reported lost.
+            await tasks._abandon(0, reason)
+
+    # Called by the task collections
+
+    def _track(self, tasks: TrackedBackgroundTasks, handle: TaskHandle) -> None:
+        self._live[handle.task_id] = (handle, tasks)
+
+    def _settle(self, handle: TaskHandle) -> None:
+        if self._live.pop(handle.task_id, None) is None:
+            return
+        self._counts[handle.status] += 1
+        if self.history_size:
+            history = self._history
+            history[handle.task_id] = handle
+            if len(history) > self.history_size:
+                history.popitem(last=False)
+            self._expire()
+        if self._idle is not None and not self._live:
+            self._idle.set()
+
+    def _expire(self) -> None:
+        if self.history_ttl is None or not self._history:
+            return
+        deadline = time.perf_counter() - self.history_ttl
+        history = self._history
+        while history:
+            oldest = next(iter(history.values()))
+            if oldest._finished_mono is None or oldest._finished_mono >= deadline:
+                break
+            history.popitem(last=False)
+
+    @contextmanager
+    def _cancel_scope(self, tasks: TrackedBackgroundTasks) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            self._scopes[tasks] = scope
+            try:
+                yield
+            finally:
+                del self._scopes[tasks]
+
+
+_UNWIND_GRACE = 5.0
+"""Seconds the drain gives cancelled tasks to report themselves lost."""
