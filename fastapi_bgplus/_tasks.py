@@ -152,63 +152,67 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     async def _run_tasks(self) -> None:
         sender = self.app
-        for index, (task, handle) in enumerate(zip(self.tasks, self.handles)):
-            if handle.status is not TaskStatus.PENDING:
-                continue  # abandoned before the collection ran
-            handle._start()
-            try:
-                if task_started.receivers:
-                    await send(
-                        task_started,
-                        sender,
-                        handle=handle,
-                        task_id=handle.task_id,
-                        func=task.func,
+        try:
+            for task, handle in zip(self.tasks, self.handles, strict=True):
+                if handle.status is not TaskStatus.PENDING:
+                    continue  # abandoned before the collection ran
+                handle._start()
+                try:
+                    if task_started.receivers:
+                        await send(
+                            task_started,
+                            sender,
+                            handle=handle,
+                            task_id=handle.task_id,
+                            func=task.func,
+                        )
+                    if task.is_async:
+                        await task.func(*task.args, **task.kwargs)
+                    else:
+                        await _run_sync(task)
+                except Exception as exc:
+                    if handle.finished:
+                        continue  # reported lost by the tracker while it ran
+                    handle._finish(TaskStatus.FAILED, exc)
+                    logger.error(
+                        "Background task %s (%s) failed",
+                        handle.task_id,
+                        handle.name,
+                        exc_info=exc,
                     )
-                if task.is_async:
-                    await task.func(*task.args, **task.kwargs)
+                    self._settle(handle)
+                    if task_failed.receivers:
+                        await send(
+                            task_failed,
+                            sender,
+                            handle=handle,
+                            task_id=handle.task_id,
+                            func=task.func,
+                            duration_s=handle.duration_s,
+                            error=exc,
+                        )
                 else:
-                    await _run_sync(task)
-            except Exception as exc:
-                if handle.finished:
-                    continue  # reported lost by the tracker while it ran
-                handle._finish(TaskStatus.FAILED, exc)
-                logger.error(
-                    "Background task %s (%s) failed",
-                    handle.task_id,
-                    handle.name,
-                    exc_info=exc,
-                )
-                self._settle(handle)
-                if task_failed.receivers:
-                    await send(
-                        task_failed,
-                        sender,
-                        handle=handle,
-                        task_id=handle.task_id,
-                        func=task.func,
-                        duration_s=handle.duration_s,
-                        error=exc,
-                    )
-            except BaseException:
-                cause = self._cancel_reason or "the request's background work was cancelled"
-                with anyio.CancelScope(shield=True):
-                    await self._abandon(index, cause)
-                raise
-            else:
-                if handle.finished:
-                    continue  # reported lost by the tracker while it ran
-                handle._finish(TaskStatus.DONE)
-                self._settle(handle)
-                if task_completed.receivers:
-                    await send(
-                        task_completed,
-                        sender,
-                        handle=handle,
-                        task_id=handle.task_id,
-                        func=task.func,
-                        duration_s=handle.duration_s,
-                    )
+                    if handle.finished:
+                        continue  # reported lost by the tracker while it ran
+                    handle._finish(TaskStatus.DONE)
+                    self._settle(handle)
+                    if task_completed.receivers:
+                        await send(
+                            task_completed,
+                            sender,
+                            handle=handle,
+                            task_id=handle.task_id,
+                            func=task.func,
+                            duration_s=handle.duration_s,
+                        )
+        except BaseException:
+            # Cancelled in a task, or in a receiver awaited between tasks:
+            # every task that has not ended is reported lost (those before it
+            # have all ended), so that none ends without a trace.
+            cause = self._cancel_reason or "the request's background work was cancelled"
+            with anyio.CancelScope(shield=True):
+                await self._abandon(0, cause)
+            raise
 
     async def _abandon(self, start: int, cause: str) -> None:
         """End every unfinished task from `start` on as cancelled, loudly."""
