@@ -48,7 +48,8 @@ def _check_task_callable(func: Any) -> None:
     target = func
     while isinstance(target, functools.partial):
         target = target.func
-    if not inspect.isfunction(target) and not inspect.ismethod(target):
+    # An instance runs its __call__; a class only builds an instance.
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or isinstance(target, type)):
         target = getattr(target, "__call__", target)  # noqa: B004
     if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
         raise TypeError(
@@ -247,14 +248,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
 
 async def _run_sync(task: BackgroundTask) -> None:
-    func = task.func
-    if task.kwargs:
-        func = functools.partial(func, **task.kwargs)
+    def call() -> tuple[Any]:
+        # Boxed, because trio fails a thread that returns a coroutine, and
+        # `add_task(lambda: send(x))` must work the same on both backends.
+        return (task.func(*task.args, **task.kwargs),)
+
     # abandon_on_cancel: a thread cannot be interrupted, and waiting for it
     # would stall shutdown; the task is reported cut off, the thread finishes
     # on its own.
-    result = await anyio.to_thread.run_sync(
-        func, *task.args, limiter=current_thread_limiter(), abandon_on_cancel=True
+    (result,) = await anyio.to_thread.run_sync(
+        call, limiter=current_thread_limiter(), abandon_on_cancel=True
     )
     if inspect.isawaitable(result):
         # `add_task(lambda: send(x))`: the work is in the awaitable.
