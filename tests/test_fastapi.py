@@ -1,0 +1,464 @@
+"""The FastAPI integration: the import swap, points 1-8 of the spec (issue 2).
+
+Every request goes through both FastAPI's `TestClient` and httpx's
+`ASGITransport`, on asyncio and on trio.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Annotated, Any, Literal, Protocol
+
+import anyio
+import anyio.lowlevel
+import httpx2
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fastapi_bgplus import (
+    BackgroundTasks,
+    TaskHandle,
+    TaskTracker,
+    TrackedBackgroundTasks,
+    get_background_tasks,
+)
+
+from .conftest import Sent
+
+
+class Call(Protocol):
+    def __call__(
+        self, app: ASGIApp, method: str, path: str, *, raise_server_exceptions: bool = True
+    ) -> httpx2.Response: ...
+
+
+@pytest.fixture(params=["testclient", "httpx"])
+def call(request: pytest.FixtureRequest, anyio_backend: Literal["asyncio", "trio"]) -> Call:
+    """Send one request to an app through the chosen client, on the chosen backend."""
+    via: str = request.param
+
+    def call(
+        app: ASGIApp, method: str, path: str, *, raise_server_exceptions: bool = True
+    ) -> httpx2.Response:
+        if via == "testclient":
+            with TestClient(
+                app, backend=anyio_backend, raise_server_exceptions=raise_server_exceptions
+            ) as client:
+                return client.request(method, path)
+
+        async def send() -> httpx2.Response:
+            transport = httpx2.ASGITransport(app=app, raise_app_exceptions=raise_server_exceptions)
+            async with httpx2.AsyncClient(
+                transport=transport, base_url="http://testserver"
+            ) as client:
+                return await client.request(method, path)
+
+        return anyio.run(send, backend=anyio_backend)
+
+    return call
+
+
+# Dependencies; module-level, so that FastAPI resolves these annotations.
+
+
+def tasks_of_a_dependency(tasks: BackgroundTasks) -> TrackedBackgroundTasks:
+    return tasks
+
+
+async def tasks_of_a_nested_dependency(
+    tasks: Annotated[TrackedBackgroundTasks, Depends(tasks_of_a_dependency)],
+    again: BackgroundTasks,
+) -> tuple[TrackedBackgroundTasks, TrackedBackgroundTasks]:
+    return tasks, again
+
+
+FromDependency = Annotated[TrackedBackgroundTasks, Depends(tasks_of_a_dependency)]
+FromNested = Annotated[
+    tuple[TrackedBackgroundTasks, TrackedBackgroundTasks], Depends(tasks_of_a_nested_dependency)
+]
+Explicit = Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]
+
+
+class FakeSession:
+    """Stands for a DB session: open between the yield dependency's enter and exit."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+
+async def get_db(request: Request) -> AsyncIterator[FakeSession]:
+    session = FakeSession()
+    request.app.state.sessions.append(session)
+    try:
+        yield session
+    finally:
+        session.open = False
+
+
+def get_db_sync(request: Request) -> Iterator[FakeSession]:
+    session = FakeSession()
+    request.app.state.sessions.append(session)
+    try:
+        yield session
+    finally:
+        session.open = False
+
+
+Db = Annotated[FakeSession, Depends(get_db)]
+DbSync = Annotated[FakeSession, Depends(get_db_sync)]
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+trace: contextvars.ContextVar[str] = contextvars.ContextVar("trace")
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = request_id.set("req-42")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            request_id.reset(token)
+
+
+async def set_tenant() -> None:
+    tenant.set("acme")
+
+
+async def set_tenant_and_yield() -> AsyncIterator[None]:
+    tenant.set("acme")
+    yield
+
+
+# Tasks
+
+
+def record(log: list[str], entry: str) -> None:
+    log.append(entry)
+
+
+async def record_async(log: list[str], entry: str) -> None:
+    await anyio.lowlevel.checkpoint()
+    log.append(entry)
+
+
+def check_open(log: list[str], session: FakeSession) -> None:
+    log.append(f"sync task: session open={session.open}")
+
+
+async def check_open_async(log: list[str], session: FakeSession) -> None:
+    await anyio.lowlevel.checkpoint()
+    log.append(f"async task: session open={session.open}")
+
+
+def read_context(log: list[str]) -> None:
+    log.append(f"sync: {request_id.get('-')} {tenant.get('-')} {trace.get('-')}")
+
+
+async def read_context_async(log: list[str]) -> None:
+    log.append(f"async: {request_id.get('-')} {tenant.get('-')} {trace.get('-')}")
+
+
+def test_endpoint_and_dependencies_get_the_same_collection(call: Call) -> None:
+    app = FastAPI()
+    seen: list[list[TrackedBackgroundTasks]] = []
+
+    @app.post("/")
+    async def endpoint(
+        tasks: BackgroundTasks,
+        from_dependency: FromDependency,
+        nested: FromNested,
+        explicit: Explicit,
+    ) -> dict[str, str]:
+        seen.append([tasks, from_dependency, *nested, explicit])
+        return {}
+
+    assert call(app, "POST", "/").status_code == 200
+    assert call(app, "POST", "/").status_code == 200
+    for collections in seen:
+        assert all(type(tasks) is TrackedBackgroundTasks for tasks in collections)
+        assert all(tasks is collections[0] for tasks in collections)
+    assert seen[0][0] is not seen[1][0]
+
+
+def test_tasks_have_finished_when_the_request_returns(call: Call) -> None:
+    app = FastAPI()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    @app.post("/users", status_code=201)
+    async def create_user(tasks: BackgroundTasks) -> dict[str, str]:
+        handles.append(tasks.add_task(record_async, log, "welcome e-mail"))
+        handles.append(tasks.add_task(record, log, "audit"))
+        assert log == []
+        return {"task_id": handles[0].task_id}
+
+    response = call(app, "POST", "/users")
+    assert response.status_code == 201
+    assert response.json() == {"task_id": handles[0].task_id}
+    assert log == ["welcome e-mail", "audit"]
+    assert [handle.status for handle in handles] == ["done", "done"]
+
+
+def test_explicit_annotated_dependency_works(call: Call) -> None:
+    app = FastAPI()
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(tasks: Explicit) -> None:
+        assert isinstance(tasks, TrackedBackgroundTasks)
+        tasks.add_task(record, log, "explicit")
+
+    assert call(app, "POST", "/").status_code == 200
+    assert log == ["explicit"]
+
+
+def test_a_sync_endpoint_works(call: Call) -> None:
+    app = FastAPI()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    @app.post("/")
+    def endpoint(tasks: BackgroundTasks, from_dependency: FromDependency) -> dict[str, bool]:
+        handles.append(tasks.add_task(record, log, "from a def endpoint"))
+        handles.append(tasks.add_task(record_async, log, "async task"))
+        return {"same": tasks is from_dependency}
+
+    assert call(app, "POST", "/").json() == {"same": True}
+    assert log == ["from a def endpoint", "async task"]
+    assert [handle.status for handle in handles] == ["done", "done"]
+
+
+def test_a_returned_response_background_runs_first_then_the_injected_tasks(
+    call: Call, sent: list[Sent]
+) -> None:
+    app = FastAPI()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> Response:
+        handles.append(tasks.add_task(record_async, log, "injected 1"))
+        handles.append(tasks.add_task(record, log, "injected 2"))
+        own = BackgroundTasks()
+        handles.append(own.add_task(record, log, "response's own"))
+        return JSONResponse({"ok": True}, background=own)
+
+    assert call(app, "POST", "/").json() == {"ok": True}
+    assert log == ["response's own", "injected 1", "injected 2"]
+    assert [handle.status for handle in handles] == ["done", "done", "done"]
+    assert [event.signal for event in sent].count("task_abandoned") == 0
+
+
+def test_a_plain_starlette_response_background_is_kept_too(call: Call) -> None:
+    from starlette.background import BackgroundTask
+
+    app = FastAPI()
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> Response:
+        tasks.add_task(record, log, "injected")
+        return PlainTextResponse("ok", background=BackgroundTask(record, log, "starlette's own"))
+
+    assert call(app, "POST", "/").text == "ok"
+    assert log == ["starlette's own", "injected"]
+
+
+def test_returning_the_injected_collection_as_background_runs_it_once(call: Call) -> None:
+    app = FastAPI()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> Response:
+        handles.append(tasks.add_task(record, log, "once"))
+        return PlainTextResponse("ok", background=tasks)
+
+    assert call(app, "POST", "/").text == "ok"
+    assert log == ["once"]
+    assert handles[0].status == "done"
+
+
+@pytest.mark.parametrize("error", ["exception", "http-exception"])
+def test_when_the_endpoint_raises_queued_tasks_are_abandoned_visibly(
+    error: str, call: Call, sent: list[Sent], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        handles.append(tasks.add_task(record, log, "never"))
+        handles.append(tasks.add_task(record_async, log, "never either"))
+        if error == "exception":
+            raise LookupError("the endpoint broke")
+        raise HTTPException(status_code=409, detail="conflict")
+
+    response = call(app, "POST", "/", raise_server_exceptions=False)
+    assert response.status_code == (500 if error == "exception" else 409)
+    assert log == []
+    assert [handle.status for handle in handles] == ["cancelled", "cancelled"]
+    assert all(handle.started_at is None for handle in handles)
+    abandoned = [event for event in sent if event.signal == "task_abandoned"]
+    assert [event.kwargs["handle"] for event in abandoned] == handles
+    assert [event.sender for event in abandoned] == [app, app]
+    assert [event.signal for event in sent] == ["task_abandoned", "task_abandoned"]
+    name = "LookupError" if error == "exception" else "HTTPException"
+    for event in abandoned:
+        assert name in event.kwargs["reason"]
+    warnings = [
+        record
+        for record in caplog.records
+        if record.name == "fastapi_bgplus" and record.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 2
+    for warning, handle in zip(warnings, handles, strict=True):
+        assert handle.task_id in warning.getMessage()
+        assert handle.name in warning.getMessage()
+
+
+def test_an_endpoint_that_raises_with_nothing_queued_is_left_alone(
+    call: Call, sent: list[Sent]
+) -> None:
+    app = FastAPI()
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        raise HTTPException(status_code=404)
+
+    assert call(app, "POST", "/").status_code == 404
+    assert sent == []
+
+
+@pytest.mark.parametrize("tasks_first", [True, False], ids=["tasks-then-db", "db-then-tasks"])
+def test_a_yield_dependency_is_still_open_while_the_tasks_run(
+    tasks_first: bool, call: Call
+) -> None:
+    app = FastAPI()
+    app.state.sessions = []
+    log: list[str] = []
+
+    def queue(tasks: TrackedBackgroundTasks, db: FakeSession, db_sync: FakeSession) -> None:
+        tasks.add_task(check_open, log, db)
+        tasks.add_task(check_open_async, log, db)
+        tasks.add_task(check_open, log, db_sync)
+
+    if tasks_first:
+
+        @app.post("/")
+        async def endpoint(tasks: BackgroundTasks, db: Db, db_sync: DbSync) -> None:
+            queue(tasks, db, db_sync)
+
+    else:
+
+        @app.post("/")
+        async def endpoint_db_first(db: Db, db_sync: DbSync, tasks: BackgroundTasks) -> None:
+            queue(tasks, db, db_sync)
+
+    assert call(app, "POST", "/").status_code == 200
+    assert log == [
+        "sync task: session open=True",
+        "async task: session open=True",
+        "sync task: session open=True",
+    ]
+    assert [session.open for session in app.state.sessions] == [False, False]
+
+
+@pytest.mark.parametrize("middleware", ["asgi", "http"])
+def test_context_vars_of_the_request_reach_the_tasks(middleware: str, call: Call) -> None:
+    app = FastAPI(dependencies=[Depends(set_tenant)])
+    if middleware == "asgi":
+        app.add_middleware(RequestIdMiddleware)
+    else:
+
+        @app.middleware("http")
+        async def set_request_id(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            request_id.set("req-42")
+            return await call_next(request)
+
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        trace.set("trace-7")
+        tasks.add_task(read_context_async, log)
+        tasks.add_task(read_context, log)
+
+    assert call(app, "POST", "/").status_code == 200
+    assert log == ["async: req-42 acme trace-7", "sync: req-42 acme trace-7"]
+
+
+def test_context_vars_of_a_yield_dependency_reach_the_tasks(call: Call) -> None:
+    app = FastAPI()
+    log: list[str] = []
+
+    @app.post("/", dependencies=[Depends(set_tenant_and_yield)])
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        tasks.add_task(read_context_async, log)
+        tasks.add_task(read_context, log)
+
+    assert call(app, "POST", "/").status_code == 200
+    assert log == ["async: - acme -", "sync: - acme -"]
+
+
+def test_signals_of_a_request_are_sent_by_its_app(call: Call, sent: list[Sent]) -> None:
+    app = FastAPI()
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        tasks.add_task(record, log, "x")
+
+    call(app, "POST", "/")
+    assert [(event.signal, event.sender) for event in sent] == [
+        ("task_started", app),
+        ("task_completed", app),
+    ]
+
+
+def test_tasks_of_a_tracked_app_are_tracked(anyio_backend: Literal["asyncio", "trio"]) -> None:
+    tracker = TaskTracker()
+    app = FastAPI(lifespan=tracker.lifespan)
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, str]:
+        handle = tasks.add_task(record, log, "tracked")
+        assert tracker.get(handle.task_id) is handle
+        return {"task_id": handle.task_id}
+
+    with TestClient(app, backend=anyio_backend) as client:
+        task_id = client.post("/").json()["task_id"]
+        handle = tracker.get(task_id)
+        assert handle is not None
+        assert handle.status == "done"
+        assert tracker.in_flight == []
+    assert log == ["tracked"]
+
+
+def test_tasks_get_the_request_values_they_were_given(call: Call) -> None:
+    """Arguments are forwarded as they are, positional and keyword."""
+    app = FastAPI()
+    got: list[Any] = []
+
+    def task(*args: Any, **kwargs: Any) -> None:
+        got.append((args, kwargs))
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        tasks.add_task(task, 1, "two", three=[3], four={"4": 4})
+
+    call(app, "POST", "/")
+    assert got == [((1, "two"), {"three": [3], "four": {"4": 4}})]
