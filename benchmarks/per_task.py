@@ -1,0 +1,182 @@
+"""Per-task cost: build a collection, add no-op tasks, run it (issue 4).
+
+Compares, inside one event loop and in the same run, Starlette's bare
+`starlette.background.BackgroundTasks`, `fastapi.BackgroundTasks` and
+`fastapi_bgplus.TrackedBackgroundTasks`. Each round times every variant once,
+in a rotating order; the figure is the median over the rounds of the time per
+task (ns), and the ratio is bgplus / Starlette. Target: <= 2x with no
+receiver connected.
+
+Scenarios: async no-op tasks, 1 and 10 per collection (no receivers); the same
+with one sync and one async receiver connected to every signal; sync no-op tasks
+(one thread hop each); async tasks with a `TaskTracker` bound, as the FastAPI
+provider binds it.
+
+Run from the project root::
+
+    .venv/bin/python benchmarks/per_task.py               # about 1 minute
+    .venv/bin/python benchmarks/per_task.py --rounds 10   # quicker
+    .venv/bin/python benchmarks/per_task.py --backend trio
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import fastapi
+from _common import median, print_header, rotated, table
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+
+from fastapi_bgplus import TaskTracker, TrackedBackgroundTasks, signals
+
+Factory = Callable[[], StarletteBackgroundTasks]
+
+
+async def noop() -> None:
+    return None
+
+
+def noop_sync() -> None:
+    return None
+
+
+def on_signal(sender: Any, **kwargs: Any) -> None:
+    return None
+
+
+async def on_signal_async(sender: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def receivers_connected() -> Iterator[None]:
+    """One sync and one async receiver on every signal, for every sender."""
+    all_signals = (
+        signals.task_started,
+        signals.task_completed,
+        signals.task_failed,
+        signals.task_abandoned,
+    )
+    for signal in all_signals:
+        signal.connect(on_signal, weak=False)
+        signal.connect(on_signal_async, weak=False)
+    try:
+        yield
+    finally:
+        for signal in all_signals:
+            signal.disconnect(on_signal)
+            signal.disconnect(on_signal_async)
+
+
+@dataclass
+class Scenario:
+    name: str
+    func: Callable[[], Any]
+    per_collection: int
+    variants: dict[str, Factory]
+    context: Callable[[], AbstractContextManager[None]] = nullcontext
+
+
+async def sample(make: Factory, func: Callable[[], Any], per_collection: int, n: int) -> float:
+    """Nanoseconds per task over `n` collections of `per_collection` tasks."""
+    gc.collect()
+    started = time.perf_counter_ns()
+    for _ in range(n):
+        tasks = make()
+        for _ in range(per_collection):
+            tasks.add_task(func)
+        await tasks()
+    return (time.perf_counter_ns() - started) / (n * per_collection)
+
+
+async def calibrate(scenario: Scenario, target_s: float) -> int:
+    """Collections per sample, so that Starlette's sample lasts about `target_s`."""
+    make = scenario.variants["starlette"]
+    await sample(make, scenario.func, scenario.per_collection, 200)  # warm up
+    ns = await sample(make, scenario.func, scenario.per_collection, 200)
+    return max(20, int(target_s * 1e9 / (ns * scenario.per_collection)))
+
+
+async def measure(scenario: Scenario, rounds: int, target_s: float) -> dict[str, float]:
+    n = await calibrate(scenario, target_s)
+    names = list(scenario.variants)
+    for name in names:  # warm up every variant once
+        await sample(scenario.variants[name], scenario.func, scenario.per_collection, n)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for round_no in range(rounds):
+        for name in rotated(names, round_no):
+            ns = await sample(scenario.variants[name], scenario.func, scenario.per_collection, n)
+            results[name].append(ns)
+    return {name: median(values) for name, values in results.items()}
+
+
+async def main(rounds: int, target_s: float) -> None:
+    tracker = TaskTracker()
+
+    def bound() -> StarletteBackgroundTasks:
+        tasks = TrackedBackgroundTasks()
+        tasks._tracker = tracker  # what get_background_tasks() does under the lifespan
+        return tasks
+
+    base: dict[str, Factory] = {
+        "starlette": StarletteBackgroundTasks,
+        "fastapi": fastapi.BackgroundTasks,
+        "bgplus": TrackedBackgroundTasks,
+    }
+    scenarios = [
+        Scenario("async no-op, 1 task/collection", noop, 1, base),
+        Scenario("async no-op, 10 tasks/collection", noop, 10, base),
+        Scenario("async no-op, 1 sync + 1 async receiver", noop, 1, base, receivers_connected),
+        Scenario("sync no-op (thread hop), 1 task/collection", noop_sync, 1, base),
+        Scenario("async no-op, TaskTracker bound", noop, 1, {**base, "bgplus": bound}),
+    ]
+    rows = []
+    async with tracker.lifespan(None):
+        for scenario in scenarios:
+            with scenario.context():
+                result = await measure(scenario, rounds, target_s)
+            ratio = result["bgplus"] / result["starlette"]
+            rows.append(
+                [
+                    scenario.name,
+                    f"{result['starlette']:,.0f}",
+                    f"{result['fastapi']:,.0f}",
+                    f"{result['bgplus']:,.0f}",
+                    f"{ratio:.2f}x",
+                ]
+            )
+            print(f"  done: {scenario.name}", flush=True)
+    print()
+    print(
+        table(
+            [
+                "scenario",
+                "starlette ns/task",
+                "fastapi ns/task",
+                "bgplus ns/task",
+                "bgplus/starlette",
+            ],
+            rows,
+        )
+    )
+    print()
+    print("target: bgplus/starlette <= 2.00x for async no-op tasks with no receiver connected")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=25, help="rounds per scenario (25)")
+    parser.add_argument(
+        "--sample-ms", type=float, default=20, help="duration of one sample, in ms (20)"
+    )
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    options = parser.parse_args()
+    print_header(f"Per-task cost ({options.backend}, {options.rounds} rounds, interleaved)")
+    anyio.run(main, options.rounds, options.sample_ms / 1000, backend=options.backend)
