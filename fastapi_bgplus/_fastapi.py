@@ -42,9 +42,8 @@ async def get_background_tasks(
     except BaseException as exc:
         if tasks.tasks and not tasks._started:
             with anyio.CancelScope(shield=True):
-                await tasks._abandon(
-                    0, f"the request failed with {type(exc).__name__} before its background tasks ran"
-                )
+                reason = f"the request failed with {type(exc).__name__} before its tasks ran"
+                await tasks._abandon(0, reason)
         raise
     if tasks.tasks and not tasks._started:
         # The endpoint returned a response with its own background, which

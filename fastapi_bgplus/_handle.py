@@ -4,7 +4,7 @@ import enum
 import functools
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -50,15 +50,15 @@ class TaskHandle:
     """
 
     __slots__ = (
-        "task_id",
+        "_created_mono",
+        "_created_wall",
+        "_finished_event",
+        "_finished_mono",
+        "_started_mono",
+        "error",
         "name",
         "status",
-        "error",
-        "_created_wall",
-        "_created_mono",
-        "_started_mono",
-        "_finished_mono",
-        "_finished_event",
+        "task_id",
     )
 
     def __init__(self, name: str) -> None:

@@ -217,7 +217,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     async def _abandon(self, start: int, cause: str) -> None:
         """End every unfinished task from `start` on as cancelled, loudly."""
-        for task, handle in zip(self.tasks[start:], self.handles[start:]):
+        for task, handle in zip(self.tasks[start:], self.handles[start:], strict=True):
             if handle.finished:
                 continue
             if handle.status is TaskStatus.RUNNING:

@@ -30,9 +30,7 @@ __all__ = [
 namespace = Namespace()
 """The blinker namespace that holds fastapi-bgplus's signals."""
 
-task_started = namespace.signal(
-    "task-started", doc="Sent just before a task runs."
-)
+task_started = namespace.signal("task-started", doc="Sent just before a task runs.")
 task_completed = namespace.signal(
     "task-completed", doc="Sent after a task returned; adds ``duration_s``."
 )
