@@ -22,6 +22,22 @@ class Sent(NamedTuple):
     kwargs: dict[str, Any]
 
 
+SIGNALS = (
+    signals.task_started,
+    signals.task_completed,
+    signals.task_failed,
+    signals.task_abandoned,
+)
+
+
+@pytest.fixture
+def no_receivers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide every receiver of the package's signals for one test, even those an
+    imported app connected for good (the example app does)."""
+    for signal in SIGNALS:
+        monkeypatch.setattr(signal, "receivers", {})
+
+
 @pytest.fixture
 def connect() -> Iterator[Callable[..., None]]:
     """``connect(signal, receiver, sender=ANY)`` for this test only (held strongly)."""
@@ -40,12 +56,7 @@ def connect() -> Iterator[Callable[..., None]]:
 def sent(connect: Callable[..., None]) -> list[Sent]:
     """Every signal of `fastapi_bgplus.signals` sent during the test, in order."""
     heard: list[Sent] = []
-    for signal in (
-        signals.task_started,
-        signals.task_completed,
-        signals.task_failed,
-        signals.task_abandoned,
-    ):
+    for signal in SIGNALS:
 
         def receiver(
             sender: Any, *, _name: str = signal.name.replace("-", "_"), **kwargs: Any

@@ -374,6 +374,27 @@ def test_a_yield_dependency_is_still_open_while_the_tasks_run(
     assert [session.open for session in app.state.sessions] == [False, False]
 
 
+def test_with_a_response_background_a_yield_dependency_declared_first_is_still_open(
+    call: Call,
+) -> None:
+    """Point 6 with point 8: the injected tasks run from the provider's exit, so
+    a `yield` dependency declared *before* `BackgroundTasks` is still open."""
+    app = FastAPI()
+    app.state.sessions = []
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(db: Db, tasks: BackgroundTasks) -> Response:
+        tasks.add_task(check_open_async, log, db)
+        own = BackgroundTasks()
+        own.add_task(check_open, log, db)
+        return PlainTextResponse("ok", background=own)
+
+    assert call(app, "POST", "/").text == "ok"
+    assert log == ["sync task: session open=True", "async task: session open=True"]
+    assert [session.open for session in app.state.sessions] == [False]
+
+
 @pytest.mark.parametrize("middleware", ["asgi", "http"])
 def test_context_vars_of_the_request_reach_the_tasks(middleware: str, call: Call) -> None:
     app = FastAPI(dependencies=[Depends(set_tenant)])

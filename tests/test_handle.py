@@ -131,14 +131,16 @@ async def test_a_done_task_has_ordered_utc_timestamps_and_a_duration() -> None:
 
 
 async def test_duration_comes_from_a_monotonic_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wall clock jumps back an hour while the task runs; nothing goes negative."""
+    """The wall clock jumps back an hour before the task starts, and forward two
+    hours while it runs; the timings do not move."""
     real_time = time.time
 
-    def set_the_clock_back() -> None:
-        monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
+    def set_the_clock_forward() -> None:
+        monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
 
     tasks = TrackedBackgroundTasks()
-    handle = tasks.add_task(set_the_clock_back)
+    handle = tasks.add_task(set_the_clock_forward)
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
     await tasks.run()
     monkeypatch.undo()
     assert handle.status == "done"
@@ -147,6 +149,7 @@ async def test_duration_comes_from_a_monotonic_clock(monkeypatch: pytest.MonkeyP
     assert handle.started_at is not None
     assert handle.finished_at is not None
     assert handle.created_at <= handle.started_at <= handle.finished_at
+    assert handle.finished_at - handle.created_at < timedelta(hours=1)
 
 
 async def test_a_failed_task_keeps_its_error() -> None:
@@ -270,3 +273,28 @@ async def test_repr_is_short_and_tells_id_status_and_name() -> None:
     await tasks.run()
     assert repr(handle) == f"<TaskHandle {handle.task_id[:6]}… done {__name__}.send_email>"
     assert SECRET not in repr(handle)
+
+
+async def test_many_waiters_on_one_handle_all_wake() -> None:
+    gate = anyio.Event()
+
+    async def held() -> None:
+        await gate.wait()
+
+    tasks = TrackedBackgroundTasks()
+    handle = tasks.add_task(held)
+    woke: list[int] = []
+
+    async def wait_for(index: int) -> None:
+        await handle.wait()
+        woke.append(index)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(3):
+            tg.start_soon(wait_for, index)
+        tg.start_soon(tasks.run)
+        await anyio.wait_all_tasks_blocked()
+        assert woke == []
+        gate.set()
+    assert sorted(woke) == [0, 1, 2]
+    assert handle.status == "done"

@@ -205,6 +205,34 @@ async def test_a_receiver_that_raises_is_logged_and_skipped(
     }
 
 
+@pytest.mark.usefixtures("no_receivers")
+async def test_with_no_receiver_connected_tasks_end_the_same(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = anyio.CancelScope()
+
+    async def hang() -> None:
+        runner.cancel()
+        await anyio.sleep_forever()
+
+    tasks = BackgroundTasks()
+    handles = [
+        tasks.add_task(deliver, "a@example.com"),
+        tasks.add_task(bounce, "b@example.com"),
+        tasks.add_task(hang),
+        tasks.add_task(audit, "never"),
+    ]
+    with runner:
+        await tasks.run()
+    assert [handle.status for handle in handles] == ["done", "failed", "cancelled", "cancelled"]
+    logged = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert [(level, message.split()[2]) for level, message in logged] == [
+        ("ERROR", handles[1].task_id),
+        ("WARNING", handles[2].task_id),
+        ("WARNING", handles[3].task_id),
+    ]
+
+
 def make_app(name: str) -> FastAPI:
     app = FastAPI(title=name)
 

@@ -534,26 +534,44 @@ async def test_sync_tasks_do_not_use_the_default_thread_limiter() -> None:
     assert calls == [("write_audit", ("still runs", "info"))]
 
 
-async def test_the_dedicated_limiter_bounds_sync_tasks() -> None:
-    limiter = current_thread_limiter()
-    assert limiter.total_tokens == DEFAULT_THREAD_LIMIT
-    limiter.total_tokens = 1
+@pytest.fixture
+def limiter() -> Iterator[Callable[[], anyio.CapacityLimiter]]:
+    """`current_thread_limiter()`, its size restored after the test."""
+    sizes: list[tuple[anyio.CapacityLimiter, float]] = []
+
+    def get() -> anyio.CapacityLimiter:
+        limiter = current_thread_limiter()
+        sizes.append((limiter, limiter.total_tokens))
+        return limiter
+
+    yield get
+    for limiter, size in reversed(sizes):
+        limiter.total_tokens = size
+
+
+async def test_the_dedicated_limiter_bounds_sync_tasks(
+    limiter: Callable[[], anyio.CapacityLimiter],
+) -> None:
+    threads = limiter()
+    threads.total_tokens = 1
     tasks = BackgroundTasks()
     handle = tasks.add_task(write_audit, "waits for a token")
     async with anyio.create_task_group() as tg:
-        async with limiter:  # the one token
+        async with threads:  # the one token
             tg.start_soon(tasks.run)
             await anyio.wait_all_tasks_blocked()
-            assert limiter.statistics().tasks_waiting == 1
+            assert threads.statistics().tasks_waiting == 1
             assert calls == []
         await handle.wait()
     assert calls == [("write_audit", ("waits for a token", "info"))]
 
 
-async def test_async_tasks_do_not_take_thread_tokens() -> None:
-    limiter = current_thread_limiter()
-    limiter.total_tokens = 1
-    async with limiter:
+async def test_async_tasks_do_not_take_thread_tokens(
+    limiter: Callable[[], anyio.CapacityLimiter],
+) -> None:
+    threads = limiter()
+    threads.total_tokens = 1
+    async with threads:
         tasks = BackgroundTasks()
         handle = tasks.add_task(send_email, "e@example.com")
         await tasks.run()
