@@ -1,0 +1,131 @@
+"""The application that `per_request.py` and `starvation.py` serve; not run by hand.
+
+One FastAPI app, with the `TaskTracker` lifespan on, as a user of fastapi-bgplus
+would run it.
+
+Per request (the same realistic endpoint three times): ``POST /plain`` queues
+nothing, ``POST /fastapi`` queues one no-op async task through
+`fastapi.BackgroundTasks`, ``POST /bgplus`` through `fastapi_bgplus.BackgroundTasks`.
+Each validates a small JSON order with Pydantic and answers a JSON receipt.
+
+Starvation: ``POST /block/fastapi`` and ``POST /block/bgplus`` queue one blocking
+sync task (``time.sleep``) each; ``GET /ping`` is a plain ``def`` endpoint, run
+in anyio's default thread pool like every ``def`` endpoint.
+
+``GET /stats`` (async, so never starved) counts the tasks that have run and the
+blocking ones not yet finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+import fastapi
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+
+import fastapi_bgplus
+
+tracker = fastapi_bgplus.TaskTracker()
+app = FastAPI(lifespan=tracker.lifespan)
+
+_order_ids = itertools.count(1)
+_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "blocking": 0}
+_unfinished = 0  # blocking tasks queued and not yet finished
+_lock = threading.Lock()
+
+
+class Item(BaseModel):
+    sku: str = Field(min_length=1, max_length=32)
+    quantity: int = Field(gt=0, le=1000)
+    unit_price: float = Field(ge=0)
+
+
+class Order(BaseModel):
+    customer_email: str = Field(max_length=254)
+    items: list[Item] = Field(min_length=1, max_length=100)
+    note: str | None = None
+
+
+class Receipt(BaseModel):
+    order_id: int
+    items: int
+    total: float
+
+
+def receipt(order: Order) -> Receipt:
+    total = sum(item.quantity * item.unit_price for item in order.items)
+    return Receipt(order_id=next(_order_ids), items=len(order.items), total=round(total, 2))
+
+
+async def after_fastapi(order_id: int) -> None:
+    _ran["fastapi"] += 1
+
+
+async def after_bgplus(order_id: int) -> None:
+    _ran["bgplus"] += 1
+
+
+@app.post("/plain")
+async def plain(order: Order) -> Receipt:
+    return receipt(order)
+
+
+@app.post("/fastapi")
+async def with_fastapi(order: Order, tasks: fastapi.BackgroundTasks) -> Receipt:
+    result = receipt(order)
+    tasks.add_task(after_fastapi, result.order_id)
+    return result
+
+
+@app.post("/bgplus")
+async def with_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Receipt:
+    result = receipt(order)
+    tasks.add_task(after_bgplus, result.order_id)
+    return result
+
+
+def block(seconds: float) -> None:
+    global _unfinished
+    try:
+        time.sleep(seconds)
+    finally:
+        with _lock:
+            _unfinished -= 1
+            _ran["blocking"] += 1
+
+
+def queue_block(tasks: StarletteBackgroundTasks, seconds: float) -> None:
+    global _unfinished
+    with _lock:
+        _unfinished += 1
+    tasks.add_task(block, seconds)
+
+
+@app.post("/block/fastapi")
+async def block_fastapi(tasks: fastapi.BackgroundTasks, seconds: float = 1.0) -> None:
+    queue_block(tasks, seconds)
+
+
+@app.post("/block/bgplus")
+async def block_bgplus(tasks: fastapi_bgplus.BackgroundTasks, seconds: float = 1.0) -> None:
+    queue_block(tasks, seconds)
+
+
+@app.get("/ping")
+def ping() -> dict[str, bool]:
+    return {"pong": True}
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/stats")
+async def stats() -> dict[str, Any]:
+    return {"ran": _ran, "unfinished": _unfinished, "in_flight": len(tracker.in_flight)}
