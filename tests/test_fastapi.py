@@ -483,3 +483,109 @@ def test_tasks_get_the_request_values_they_were_given(call: Call) -> None:
 
     call(app, "POST", "/")
     assert got == [((1, "two"), {"three": [3], "four": {"4": 4}})]
+
+
+# Cut off at shutdown while a request is still in flight
+
+
+class Served:
+    """Runs `app` under a `TaskTracker` lifespan entered by the test, passing
+    the lifespan state to each request as ASGI servers do."""
+
+    def __init__(self, app: FastAPI, tracker: TaskTracker) -> None:
+        self.app = app
+        self.tracker = tracker
+        self.state: dict[str, Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app({**scope, "state": dict(self.state)}, receive, send)
+
+    async def post(self, path: str) -> httpx2.Response:
+        transport = httpx2.ASGITransport(app=self)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.post(path)
+
+
+@pytest.mark.anyio
+async def test_a_task_cut_off_before_its_collection_ran_never_runs(sent: list[Sent]) -> None:
+    tracker = TaskTracker(drain_timeout=0)
+    app = FastAPI()
+    served = Served(app, tracker)
+    in_endpoint, resume = anyio.Event(), anyio.Event()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+    responses: list[httpx2.Response] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        handles.append(tasks.add_task(record, log, "after shutdown"))
+        in_endpoint.set()
+        await resume.wait()
+
+    async def post() -> None:
+        responses.append(await served.post("/"))
+
+    async with anyio.create_task_group() as tg:
+        async with tracker.lifespan(app) as state:
+            served.state = state
+            tg.start_soon(post)
+            await in_endpoint.wait()
+        (handle,) = handles
+        assert handle.status == "cancelled"
+        resume.set()
+    assert responses[0].status_code == 200
+    assert log == []
+    assert handle.status == "cancelled"
+    assert handle.started_at is None
+    assert [(event.signal, event.kwargs["handle"]) for event in sent] == [
+        ("task_abandoned", handle)
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+async def test_a_task_reported_lost_keeps_its_cancelled_status_when_it_ends(
+    outcome: str, sent: list[Sent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that swallows its cancellation outlives the drain: it is reported
+    lost then, and whatever it does afterwards does not change that."""
+    monkeypatch.setattr("fastapi_bgplus._tracker._UNWIND_GRACE", 0.0)
+    tracker = TaskTracker(drain_timeout=0)
+    app = FastAPI()
+    served = Served(app, tracker)
+    running, release = anyio.Event(), anyio.Event()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    async def stubborn() -> None:
+        try:
+            running.set()
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await release.wait()
+            log.append("ended after the drain")
+            if outcome == "raises":
+                raise ValueError("too late") from None
+        # Swallows its cancellation (a bug in the task; the tracker copes).
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        handles.append(tasks.add_task(stubborn))
+        handles.append(tasks.add_task(record, log, "never"))
+
+    async with anyio.create_task_group() as tg:
+        async with tracker.lifespan(app) as state:
+            served.state = state
+            tg.start_soon(served.post, "/")
+            await running.wait()
+        assert [handle.status for handle in handles] == ["cancelled", "cancelled"]
+        release.set()
+    assert log == ["ended after the drain"]
+    assert [handle.status for handle in handles] == ["cancelled", "cancelled"]
+    assert all(handle.error is None for handle in handles)
+    assert [(event.signal, event.kwargs["handle"]) for event in sent] == [
+        ("task_started", handles[0]),
+        ("task_abandoned", handles[0]),
+        ("task_abandoned", handles[1]),
+    ]
