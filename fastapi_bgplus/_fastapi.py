@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from types import TracebackType
 from typing import Annotated
 
 import anyio
@@ -28,7 +30,9 @@ async def get_background_tasks(
     FastAPI's would: after the response, before the exit of `yield`
     dependencies. If the endpoint returns a response with a background of its
     own, FastAPI drops its tasks; this collection then runs right after the
-    response's own background. If the endpoint raises, the tasks do not run:
+    response's own background, still before any `yield` dependency exits
+    (FastAPI >= 0.121; before that, from this provider's own exit). If the
+    endpoint raises, the tasks do not run:
     each ends cancelled, with a `task_abandoned` signal and a log line.
     """
     tasks = TrackedBackgroundTasks()
@@ -37,6 +41,7 @@ async def get_background_tasks(
     if tracker is not None:
         tasks._tracker = tracker
     fastapi_tasks.add_task(tasks.run)
+    _run_before_yield_dependencies_exit(connection, tasks)
     try:
         yield tasks
     except BaseException as exc:
@@ -45,10 +50,41 @@ async def get_background_tasks(
                 reason = f"the request failed with {type(exc).__name__} before its tasks ran"
                 await tasks._abandon(0, reason)
         raise
-    if tasks.tasks and not tasks._started:
+    if tasks.tasks and not tasks._started:  # pragma: no cover  (FastAPI < 0.121)
         # The endpoint returned a response with its own background, which
         # FastAPI ran instead of ours: ours run now, never dropped.
         await tasks.run()
+
+
+def _run_before_yield_dependencies_exit(
+    connection: HTTPConnection, tasks: TrackedBackgroundTasks
+) -> None:
+    """When the endpoint returns a response with its own background, run the
+    collection right after it, before *any* `yield` dependency exits.
+
+    Our own exit comes too late for the dependencies entered after us (exits
+    unwind last-in, first-out), so once the endpoint has returned, and every
+    dependency has been entered, a runner goes on top of FastAPI's request
+    exit stack. With a FastAPI that has no such stacks, our own exit runs the
+    collection instead.
+    """
+    request_stack = connection.scope.get("fastapi_inner_astack")
+    function_stack = connection.scope.get("fastapi_function_astack")
+    if not isinstance(request_stack, AsyncExitStack) or not isinstance(
+        function_stack, AsyncExitStack
+    ):
+        return  # pragma: no cover  (FastAPI < 0.121)
+
+    async def run_if_dropped(
+        exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None and not tasks._started:
+            await tasks.run()
+
+    async def after_endpoint() -> None:
+        request_stack.push_async_exit(run_if_dropped)
+
+    function_stack.push_async_callback(after_endpoint)
 
 
 BackgroundTasks = Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]

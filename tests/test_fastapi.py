@@ -374,21 +374,60 @@ def test_a_yield_dependency_is_still_open_while_the_tasks_run(
     assert [session.open for session in app.state.sessions] == [False, False]
 
 
-def test_with_a_response_background_a_yield_dependency_declared_first_is_still_open(
-    call: Call,
+def test_when_the_response_s_own_background_raises_the_injected_tasks_are_abandoned(
+    call: Call, sent: list[Sent]
 ) -> None:
-    """Point 6 with point 8: the injected tasks run from the provider's exit, so
-    a `yield` dependency declared *before* `BackgroundTasks` is still open."""
+    from starlette.background import BackgroundTask
+
+    app = FastAPI()
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    def own_task_fails() -> None:
+        raise OSError("the response's own task broke")
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> Response:
+        handles.append(tasks.add_task(record, log, "never"))
+        return PlainTextResponse("ok", background=BackgroundTask(own_task_fails))
+
+    assert call(app, "POST", "/", raise_server_exceptions=False).text == "ok"
+    assert log == []
+    assert [handle.status for handle in handles] == ["cancelled"]
+    assert [(event.signal, event.kwargs["handle"]) for event in sent] == [
+        ("task_abandoned", handles[0])
+    ]
+    assert "OSError" in sent[0].kwargs["reason"]
+
+
+@pytest.mark.parametrize("tasks_first", [True, False], ids=["tasks-then-db", "db-then-tasks"])
+def test_with_a_response_background_a_yield_dependency_is_still_open_too(
+    tasks_first: bool, call: Call
+) -> None:
+    """Points 6 and 8 together: FastAPI drops the injected tasks for the
+    response's own background; they still run before any `yield` dependency
+    exits, whatever the order of the parameters."""
     app = FastAPI()
     app.state.sessions = []
     log: list[str] = []
 
-    @app.post("/")
-    async def endpoint(db: Db, tasks: BackgroundTasks) -> Response:
+    def respond(tasks: TrackedBackgroundTasks, db: FakeSession) -> Response:
         tasks.add_task(check_open_async, log, db)
         own = BackgroundTasks()
         own.add_task(check_open, log, db)
         return PlainTextResponse("ok", background=own)
+
+    if tasks_first:
+
+        @app.post("/")
+        async def endpoint(tasks: BackgroundTasks, db: Db) -> Response:
+            return respond(tasks, db)
+
+    else:
+
+        @app.post("/")
+        async def endpoint_db_first(db: Db, tasks: BackgroundTasks) -> Response:
+            return respond(tasks, db)
 
     assert call(app, "POST", "/").text == "ok"
     assert log == ["sync task: session open=True", "async task: session open=True"]
