@@ -285,16 +285,13 @@ async def test_async_tasks_run_on_the_loop_and_sync_ones_in_a_thread() -> None:
     tasks.add_task(SyncSender(), "c@example.com")
     tasks.add_task(sync_function)
     await tasks.run()
-    where = dict(enumerate(calls))
-    assert [name for name, _ in calls] == [
-        "AsyncSender",
-        "AsyncSender",
-        "async_function",
-        "SyncSender",
-        "sync_function",
+    assert [(name, thread == loop_thread) for name, thread in calls] == [
+        ("AsyncSender", True),
+        ("AsyncSender", True),
+        ("async_function", True),
+        ("SyncSender", False),
+        ("sync_function", False),
     ]
-    assert [where[i][1] == loop_thread for i in range(3)] == [True, True, True]
-    assert [where[i][1] == loop_thread for i in range(3, 5)] == [False, False]
 
 
 async def test_a_def_that_returns_an_awaitable_has_it_awaited() -> None:
