@@ -117,7 +117,7 @@ async def measure(scenario: Scenario, rounds: int, target_s: float) -> dict[str,
     return {name: median(values) for name, values in results.items()}
 
 
-async def main(rounds: int, target_s: float) -> None:
+async def main(rounds: int, target_s: float, only: str) -> None:
     tracker = TaskTracker()
 
     def bound() -> StarletteBackgroundTasks:
@@ -140,6 +140,8 @@ async def main(rounds: int, target_s: float) -> None:
     rows = []
     async with tracker.lifespan(None):
         for scenario in scenarios:
+            if only not in scenario.name:
+                continue
             with scenario.context():
                 result = await measure(scenario, rounds, target_s)
             ratio = result["bgplus"] / result["starlette"]
@@ -177,6 +179,7 @@ if __name__ == "__main__":
         "--sample-ms", type=float, default=20, help="duration of one sample, in ms (20)"
     )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--only", default="", help="run the scenarios whose name has this text")
     options = parser.parse_args()
     print_header(f"Per-task cost ({options.backend}, {options.rounds} rounds, interleaved)")
-    anyio.run(main, options.rounds, options.sample_ms / 1000, backend=options.backend)
+    anyio.run(main, options.rounds, options.sample_ms / 1000, options.only, backend=options.backend)
