@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from starlette.types import Scope
@@ -67,19 +68,25 @@ class TaskTracker:
         history_ttl: float | None = DEFAULT_HISTORY_TTL,
         thread_limit: int | None = None,
     ) -> None:
-        if drain_timeout < 0:
+        if not _is_seconds(drain_timeout):
             raise ValueError(
-                f"drain_timeout must be a number of seconds >= 0, got {drain_timeout!r}"
+                f"drain_timeout must be a number of seconds >= 0 (math.inf to wait"
+                f" for every task), got {drain_timeout!r}"
             )
-        if history_size < 0:
-            raise ValueError(f"history_size must be >= 0, got {history_size!r}")
-        if history_ttl is not None and history_ttl <= 0:
+        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
             raise ValueError(
-                f"history_ttl must be > 0 seconds, or None to keep handles"
+                f"history_size must be an int >= 0 (0 keeps no finished handles),"
+                f" got {history_size!r}"
+            )
+        if history_ttl is not None and not (_is_seconds(history_ttl) and history_ttl > 0):
+            raise ValueError(
+                f"history_ttl must be a number of seconds > 0, or None to keep handles"
                 f" until history_size pushes them out; got {history_ttl!r}"
             )
-        if thread_limit is not None and thread_limit < 1:
-            raise ValueError(f"thread_limit must be >= 1, got {thread_limit!r}")
+        if thread_limit is not None and (
+            isinstance(thread_limit, bool) or not isinstance(thread_limit, int) or thread_limit < 1
+        ):
+            raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
         self.drain_timeout = drain_timeout
         self.history_size = history_size
         self.history_ttl = history_ttl
@@ -101,7 +108,7 @@ class TaskTracker:
         entry = self._live.get(task_id)
         if entry is not None:
             return entry[0]
-        self._expire()
+        self._expire(time.perf_counter())
         return self._history.get(task_id)
 
     @property
@@ -132,11 +139,17 @@ class TaskTracker:
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[dict[str, Any]]:
-        """The lifespan hook alone: ``FastAPI(lifespan=tracker.lifespan)``."""
-        async with self._serve():
-            yield {_STATE_KEY: self}
+        """The lifespan hook alone: ``FastAPI(lifespan=tracker.lifespan)``.
 
-    def wrap(self, lifespan: Lifespan) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
+        Raises `RuntimeError` if this tracker already serves an application.
+        """
+        with self._serving_guard():
+            async with self._draining():
+                yield {_STATE_KEY: self}
+
+    def wrap(
+        self, lifespan: Lifespan
+    ) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
         """Wrap the application's own lifespan: ``FastAPI(lifespan=tracker.wrap(lifespan))``.
 
         Its startup runs first and its state reaches requests as before; at
@@ -146,20 +159,29 @@ class TaskTracker:
 
         @asynccontextmanager
         async def wrapped(app: Any) -> AsyncIterator[dict[str, Any]]:
-            async with lifespan(app) as state:
-                async with self._serve():
+            # Checked before the wrapped startup runs, so it never runs twice.
+            with self._serving_guard():
+                async with lifespan(app) as state, self._draining():
                     yield {**(state or {}), _STATE_KEY: self}
 
         return wrapped
 
-    @asynccontextmanager
-    async def _serve(self) -> AsyncIterator[None]:
+    @contextmanager
+    def _serving_guard(self) -> Iterator[None]:
         if self._serving:
             raise RuntimeError(
                 "This TaskTracker is already serving an application; create one"
                 " TaskTracker per application (or per worker process)"
             )
         self._serving = True
+        try:
+            yield
+        finally:
+            self._serving = False
+
+    @asynccontextmanager
+    async def _draining(self) -> AsyncIterator[None]:
+        self._counts = dict.fromkeys(self._counts, 0)
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         try:
@@ -167,7 +189,6 @@ class TaskTracker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._drain()
-            self._serving = False
 
     async def _drain(self) -> None:
         started = time.perf_counter()
@@ -195,9 +216,9 @@ class TaskTracker:
             counts[TaskStatus.CANCELLED],
         )
 
-    async def _wait_idle(self, timeout: float) -> None:
+    async def _wait_idle(self, seconds: float) -> None:
         self._idle = anyio.Event()
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(seconds):
             await self._idle.wait()
         self._idle = None
 
@@ -223,26 +244,27 @@ class TaskTracker:
         self._live[handle.task_id] = (handle, tasks)
 
     def _settle(self, handle: TaskHandle) -> None:
-        if self._live.pop(handle.task_id, None) is None:
-            return
+        self._live.pop(handle.task_id, None)
         self._counts[handle.status] += 1
         if self.history_size:
             history = self._history
             history[handle.task_id] = handle
             if len(history) > self.history_size:
                 history.popitem(last=False)
-            self._expire()
+            self._expire(time.perf_counter())
         if self._idle is not None and not self._live:
             self._idle.set()
 
-    def _expire(self) -> None:
-        if self.history_ttl is None or not self._history:
+    def _expire(self, now: float) -> None:
+        """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
+        if self.history_ttl is None:
             return
-        deadline = time.perf_counter() - self.history_ttl
+        deadline = now - self.history_ttl
         history = self._history
         while history:
+            # Handles enter the history as they finish, so the oldest is first.
             oldest = next(iter(history.values()))
-            if oldest._finished_mono is None or oldest._finished_mono >= deadline:
+            if cast(float, oldest._finished_mono) >= deadline:
                 break
             history.popitem(last=False)
 
@@ -254,6 +276,15 @@ class TaskTracker:
                 yield
             finally:
                 del self._scopes[tasks]
+
+
+def _is_seconds(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not math.isnan(value)
+        and value >= 0
+    )
 
 
 _UNWIND_GRACE = 5.0
