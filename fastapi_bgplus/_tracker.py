@@ -53,11 +53,18 @@ class TaskTracker:
     at WARNING and signalled with `task_abandoned`.
 
     Parameters:
-        drain_timeout: Seconds to wait at shutdown for in-flight tasks.
+        drain_timeout: Seconds the lifespan shutdown waits for tasks still in
+            flight before cutting them off (`math.inf`: no limit). Servers
+            such as uvicorn wait for requests, background work included,
+            before the lifespan shutdown starts: see the README.
         history_size: Finished handles kept for `get()`; the oldest go first.
         history_ttl: Seconds a finished handle is kept; `None` for no limit.
         thread_limit: If set, the number of worker threads sync tasks may use
             at once, applied at startup (see `current_thread_limiter()`).
+
+    Raises `ValueError` for an argument out of its range, saying what is valid.
+    One tracker serves one application at a time: starting it while it serves
+    raises `RuntimeError`. It may start again once shut down.
     """
 
     def __init__(
@@ -73,7 +80,7 @@ class TaskTracker:
                 f"drain_timeout must be a number of seconds >= 0 (math.inf to wait"
                 f" for every task), got {drain_timeout!r}"
             )
-        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
+        if not _is_count(history_size, 0):
             raise ValueError(
                 f"history_size must be an int >= 0 (0 keeps no finished handles),"
                 f" got {history_size!r}"
@@ -83,9 +90,7 @@ class TaskTracker:
                 f"history_ttl must be a number of seconds > 0, or None to keep handles"
                 f" until history_size pushes them out; got {history_ttl!r}"
             )
-        if thread_limit is not None and (
-            isinstance(thread_limit, bool) or not isinstance(thread_limit, int) or thread_limit < 1
-        ):
+        if thread_limit is not None and not _is_count(thread_limit, 1):
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
         self.drain_timeout = drain_timeout
         self.history_size = history_size
@@ -276,6 +281,10 @@ class TaskTracker:
                 yield
             finally:
                 del self._scopes[tasks]
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _is_seconds(value: object) -> bool:
