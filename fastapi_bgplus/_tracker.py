@@ -4,6 +4,7 @@ import logging
 import math
 import re
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -281,6 +282,12 @@ class TaskTracker:
                 yield
             finally:
                 del self._scopes[tasks]
+                # The collection has run: its frames are over. A failed handle
+                # keeps its exception and traceback, but the history must not
+                # keep the request's arguments alive through the frames' locals.
+                for handle in tasks.handles:
+                    if handle.error is not None:
+                        traceback.clear_frames(handle.error.__traceback__)
 
 
 def _is_count(value: object, minimum: int) -> bool:

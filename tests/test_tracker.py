@@ -2,19 +2,23 @@
 status route and the drain at shutdown (issue 3, shutdown edges of issue 5).
 
 Lifespans are driven directly (``async with tracker.lifespan(app)``) or by
-Starlette's `TestClient`, on asyncio and on trio. A request's collection is
-the one FastAPI's provider, `get_background_tasks`, builds for an app served
-with the lifespan's state: `request_tasks()` below.
+Starlette's `TestClient`, on asyncio and on trio. Requests through FastAPI
+show that its provider binds each request's collection to the tracker; the
+drain tests bind collections the same way by hand (`request_tasks()`, in
+tests/apps/memory.py) to control exactly when each one runs.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import subprocess
 import sys
 import threading
+import traceback
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -666,3 +670,32 @@ async def test_tasks_of_a_request_still_in_its_endpoint_never_run_after_the_drai
     assert ran == []
     assert handles[0].started_at is None
     assert summary(caplog).endswith("0 done, 0 failed, 1 abandoned")
+
+
+class Secret:
+    """An argument that a test can tell is still alive."""
+
+
+@pytest.mark.anyio
+async def test_a_failed_task_in_the_history_keeps_no_argument_alive() -> None:
+    """The handle keeps its exception and a traceback that still formats, not
+    the frames' local variables: the request's arguments are not retained."""
+    tracker = TaskTracker()
+
+    async def fails(secret: Secret) -> None:
+        raise ValueError("no mailbox")
+
+    async with tracker.lifespan(None) as state:
+        secret = Secret()
+        alive = weakref.ref(secret)
+        async with request_tasks(state) as tasks:
+            handle = tasks.add_task(fails, secret)
+            tasks.add_task(noop)
+        del tasks, secret
+        gc.collect()
+        assert alive() is None
+    assert tracker.get(handle.task_id) is handle
+    assert isinstance(handle.error, ValueError)
+    formatted = "".join(traceback.format_exception(handle.error))
+    assert "in fails" in formatted
+    assert 'raise ValueError("no mailbox")' in formatted

@@ -11,23 +11,25 @@ import gc
 import json
 import sys
 import tracemalloc
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import fastapi
-from starlette.requests import HTTPConnection
 
-from fastapi_bgplus import TaskHandle, TaskTracker, TrackedBackgroundTasks, get_background_tasks
+from fastapi_bgplus import TaskHandle, TaskTracker, TrackedBackgroundTasks
+from fastapi_bgplus._tracker import tracker_of
 
 
-def request_tasks(state: Mapping[str, Any]) -> AbstractAsyncContextManager[TrackedBackgroundTasks]:
-    """The collection of one request to an app served with lifespan `state`,
-    as FastAPI's provider builds it; leaving the block runs it, as the end of
-    the request does."""
-    connection = HTTPConnection({"type": "http", "state": dict(state)})
-    return asynccontextmanager(get_background_tasks)(connection, fastapi.BackgroundTasks())
+@asynccontextmanager
+async def request_tasks(state: Mapping[str, Any]) -> AsyncIterator[TrackedBackgroundTasks]:
+    """A collection bound, as FastAPI's provider binds a request's, to the
+    tracker in the lifespan `state`; leaving the block runs it, as the end of
+    the request does. (Requests through FastAPI itself: tests/test_tracker.py.)"""
+    tasks = TrackedBackgroundTasks()
+    tasks._tracker = tracker_of({"type": "http", "state": dict(state)})
+    yield tasks
+    await tasks.run()
 
 
 async def noop() -> None:
