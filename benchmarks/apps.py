@@ -7,6 +7,8 @@ Per request (the same realistic endpoint three times): ``POST /plain`` queues
 nothing, ``POST /fastapi`` queues one no-op async task through
 `fastapi.BackgroundTasks`, ``POST /bgplus`` through `fastapi_bgplus.BackgroundTasks`.
 Each validates a small JSON order with Pydantic and answers a JSON receipt.
+``POST /candidate`` is the bgplus one through a candidate provider (a plain
+``async def`` dependency instead of a ``yield`` one; see `candidate_provider`).
 
 Starvation: ``POST /block/fastapi`` and ``POST /block/bgplus`` queue one blocking
 sync task (``time.sleep``) each; ``GET /ping`` is a plain ``def`` endpoint, run
@@ -21,20 +23,26 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Annotated, Any
 
+import anyio
 import fastapi
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+from starlette.requests import HTTPConnection
 
 import fastapi_bgplus
+from fastapi_bgplus import TrackedBackgroundTasks
+from fastapi_bgplus._tracker import tracker_of
 
 tracker = fastapi_bgplus.TaskTracker()
 app = FastAPI(lifespan=tracker.lifespan)
 
 _order_ids = itertools.count(1)
-_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "blocking": 0}
+_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "candidate": 0, "blocking": 0}
 _unfinished = 0  # blocking tasks queued and not yet finished
 _lock = threading.Lock()
 
@@ -86,6 +94,55 @@ async def with_fastapi(order: Order, tasks: fastapi.BackgroundTasks) -> Receipt:
 async def with_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Receipt:
     result = receipt(order)
     tasks.add_task(after_bgplus, result.order_id)
+    return result
+
+
+async def after_candidate(order_id: int) -> None:
+    _ran["candidate"] += 1
+
+
+async def candidate_provider(
+    connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
+) -> TrackedBackgroundTasks:
+    """A candidate for `get_background_tasks`, measured side by side with it.
+
+    The same collection, bound the same way (app, tracker), with the same
+    guarantees (run when FastAPI drops it for a response's own background,
+    abandoned visibly when the request fails), but a plain ``async def``
+    that hooks FastAPI's request and function exit stacks (FastAPI >= 0.121)
+    instead of a ``yield`` dependency.
+    """
+    scope = connection.scope
+    tasks = TrackedBackgroundTasks()
+    tasks.app = scope.get("app")
+    tasks._tracker = tracker_of(scope)
+    fastapi_tasks.add_task(tasks.run)
+    request_stack: AsyncExitStack = scope["fastapi_inner_astack"]
+
+    async def settle(
+        exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if tasks._started or not tasks.tasks:
+            return
+        if exc is None:
+            await tasks.run()
+        else:
+            with anyio.CancelScope(shield=True):
+                await tasks._abandon(0, f"the request failed with {type(exc).__name__}")
+
+    async def after_endpoint() -> None:
+        request_stack.push_async_exit(settle)
+
+    scope["fastapi_function_astack"].push_async_callback(after_endpoint)
+    return tasks
+
+
+@app.post("/candidate")
+async def with_candidate(
+    order: Order, tasks: Annotated[TrackedBackgroundTasks, Depends(candidate_provider)]
+) -> Receipt:
+    result = receipt(order)
+    tasks.add_task(after_candidate, result.order_id)
     return result
 
 
