@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Annotated, Any
@@ -186,3 +187,130 @@ async def health() -> dict[str, bool]:
 @app.get("/stats")
 async def stats() -> dict[str, Any]:
     return {"ran": _ran, "unfinished": _unfinished, "in_flight": len(tracker.in_flight)}
+
+
+# In-process breakdown (``per_request.py --in-process``): the same endpoint,
+# one app and one route per mechanism, so that no route pays for another.
+
+
+async def noop(order_id: int) -> None:
+    return None
+
+
+async def plain_dependency() -> int:
+    return 1
+
+
+async def yield_dependency() -> AsyncIterator[int]:
+    yield 1
+
+
+async def plain_provider(
+    connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
+) -> TrackedBackgroundTasks:
+    """Our collection from a plain dependency, with no exit hook at all."""
+    tasks = TrackedBackgroundTasks()
+    tasks.app = connection.scope.get("app")
+    tasks._tracker = tracker_of(connection.scope)
+    fastapi_tasks.add_task(tasks.run)
+    return tasks
+
+
+async def yield_provider(
+    connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
+) -> AsyncIterator[TrackedBackgroundTasks]:
+    """The same, as a bare ``yield`` dependency."""
+    yield await plain_provider(connection, fastapi_tasks)
+
+
+# Module-level aliases: annotations are strings here, resolved in this module.
+AnyPlainDependency = Annotated[int, Depends(plain_dependency)]
+AnyYieldDependency = Annotated[int, Depends(yield_dependency)]
+FromPlainProvider = Annotated[TrackedBackgroundTasks, Depends(plain_provider)]
+FromYieldProvider = Annotated[TrackedBackgroundTasks, Depends(yield_provider)]
+FromCandidate = Annotated[TrackedBackgroundTasks, Depends(candidate_provider)]
+
+
+def mechanism_app(mechanism: str) -> FastAPI:
+    """An app whose one route, ``POST /x``, queues a no-op through `mechanism`."""
+    one = FastAPI()
+    if mechanism == "plain":
+
+        @one.post("/x")
+        async def no_task(order: Order) -> Receipt:
+            return receipt(order)
+
+    elif mechanism == "fastapi":
+
+        @one.post("/x")
+        async def with_fastapi(order: Order, tasks: fastapi.BackgroundTasks) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    elif mechanism == "fastapi + any plain dependency":
+
+        @one.post("/x")
+        async def with_plain(
+            order: Order, tasks: fastapi.BackgroundTasks, _: AnyPlainDependency
+        ) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    elif mechanism == "fastapi + any yield dependency":
+
+        @one.post("/x")
+        async def with_yield(
+            order: Order, tasks: fastapi.BackgroundTasks, _: AnyYieldDependency
+        ) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    elif mechanism == "our collection, plain dependency":
+
+        @one.post("/x")
+        async def from_plain(order: Order, tasks: FromPlainProvider) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    elif mechanism == "our collection, yield dependency":
+
+        @one.post("/x")
+        async def from_yield(order: Order, tasks: FromYieldProvider) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    elif mechanism == "candidate provider":
+
+        @one.post("/x")
+        async def from_candidate(order: Order, tasks: FromCandidate) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    else:
+        assert mechanism == "fastapi_bgplus.BackgroundTasks", mechanism
+
+        @one.post("/x")
+        async def from_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
+    return one
+
+
+MECHANISMS = (
+    "plain",
+    "fastapi",
+    "fastapi + any plain dependency",
+    "fastapi + any yield dependency",
+    "our collection, plain dependency",
+    "our collection, yield dependency",
+    "candidate provider",
+    "fastapi_bgplus.BackgroundTasks",
+)

@@ -19,20 +19,33 @@ Needs `wrk` (Debian/Ubuntu: ``apt-get install -y wrk``) and `taskset`
 
     .venv/bin/python benchmarks/per_request.py                 # 5 rounds x 10 s: ~4 min
     .venv/bin/python benchmarks/per_request.py --rounds 3 --duration 5
+    .venv/bin/python benchmarks/per_request.py --in-process --rounds 9   # ~1 min
+
+``--in-process`` breaks the cost down by mechanism instead, without server or
+network: one app and one route per mechanism (no task; `fastapi.BackgroundTasks`
+alone, with any plain or ``yield`` dependency besides; our collection from a
+plain or a ``yield`` dependency; the candidate provider; the shipped
+`fastapi_bgplus.BackgroundTasks`), driven over raw ASGI, in microseconds per
+request.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx2
 from _common import (
     free_port,
@@ -44,6 +57,8 @@ from _common import (
     stop,
     table,
 )
+
+from fastapi_bgplus import TaskTracker
 
 VARIANTS = ("plain", "fastapi", "bgplus", "candidate")
 
@@ -188,11 +203,82 @@ def main(rounds: int, duration: float, connections: int) -> None:
     )
 
 
+# In-process breakdown: no server, no network, raw ASGI calls.
+
+
+async def asgi_post(app: Any, state: dict[str, Any], body: bytes) -> int:
+    """POST `body` to ``/x`` of `app` over raw ASGI; returns the status code."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/x", "raw_path": b"/x",
+        "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+        "state": dict(state),
+    }  # fmt: skip
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+async def in_process(rounds: int, requests: int) -> None:
+    import apps  # the server's module, imported here only
+
+    body = json.dumps(ORDER).encode()
+    variants = [(name, True) for name in apps.MECHANISMS] + [
+        ("candidate provider", False),
+        ("fastapi_bgplus.BackgroundTasks", False),
+    ]
+    labels = [f"{name}{'' if tracked else ', tracker off'}" for name, tracked in variants]
+    served: dict[str, tuple[Any, dict[str, Any]]] = {}
+    async with AsyncExitStack() as stack:
+        for label, (name, tracked) in zip(labels, variants, strict=True):
+            app = apps.mechanism_app(name)
+            state = await stack.enter_async_context(TaskTracker().lifespan(app))
+            served[label] = (app, state if tracked else {})
+            for _ in range(200):  # warm up, and check the endpoint answers
+                assert await asgi_post(app, served[label][1], body) == 200, label
+        samples: dict[str, list[float]] = {label: [] for label in labels}
+        for round_no in range(rounds):
+            for label in rotated(labels, round_no):
+                app, state = served[label]
+                gc.collect()
+                started = time.perf_counter()
+                for _ in range(requests):
+                    await asgi_post(app, state, body)
+                samples[label].append((time.perf_counter() - started) / requests * 1e6)
+    us = {label: median(values) for label, values in samples.items()}
+    base = us["fastapi"]
+    rows = [[label, f"{us[label]:.1f}", f"{us[label] - base:+.1f}"] for label in labels]
+    print(table(["mechanism (one app, one route each)", "us/request", "vs fastapi"], rows))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds (5)")
     parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run (10)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="instead: break the cost down by mechanism over raw ASGI, no server (~1 min)",
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="per sample, --in-process")
     options = parser.parse_args()
-    print_header("Per-request cost under wrk (interleaved)")
-    main(options.rounds, options.duration, options.connections)
+    if options.in_process:
+        print_header(f"Per-request cost in-process, by mechanism ({options.rounds} rounds)")
+        anyio.run(in_process, options.rounds, options.requests)
+    else:
+        print_header("Per-request cost under wrk (interleaved)")
+        main(options.rounds, options.duration, options.connections)
