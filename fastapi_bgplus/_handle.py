@@ -69,8 +69,10 @@ def _new_task_id() -> str:
             _ids.extend(os.urandom(16 * _ID_BATCH).hex(" ", 16).split())
 
 
-# A forked child must not hand out the ids its parent drew ahead.
-os.register_at_fork(after_in_child=_ids.clear)
+# A forked child must not hand out the ids its parent drew ahead. (Forking is
+# POSIX only; elsewhere there is nothing to guard against.)
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_ids.clear)
 
 
 class TaskHandle:
