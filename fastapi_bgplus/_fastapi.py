@@ -3,10 +3,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import fastapi
+import fastapi.params
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
@@ -16,75 +17,91 @@ from ._tracker import tracker_of
 __all__ = ["BackgroundTasks", "get_background_tasks"]
 
 
-async def get_background_tasks(
+# FastAPI >= 0.121 keeps a request-scoped and a function-scoped exit stack in
+# the scope (they came with ``Depends(scope=...)``). With them the provider is
+# a plain ``async def`` that hooks those stacks; a ``yield`` dependency, which
+# older versions need, costs some 25 us more per request (benchmarks/README.md).
+_HAS_EXIT_STACKS = hasattr(fastapi.params.Depends(), "scope")
+
+
+def _new_collection(
     connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
-) -> AsyncIterator[TrackedBackgroundTasks]:
-    """FastAPI dependency that provides the request's `TrackedBackgroundTasks`.
-
-    FastAPI caches it per request, so every parameter that asks for it, in the
-    endpoint or in its dependencies, gets the same collection. Spelled out,
-    ``Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]`` is
-    what `fastapi_bgplus.BackgroundTasks` means.
-
-    The collection rides in FastAPI's own background tasks, so it runs where
-    FastAPI's would: after the response, before the exit of `yield`
-    dependencies. If the endpoint returns a response with a background of its
-    own, FastAPI drops its tasks; this collection then runs right after the
-    response's own background, still before any `yield` dependency exits
-    (FastAPI >= 0.121; before that, from this provider's own exit). If the
-    endpoint raises, the tasks do not run:
-    each ends cancelled, with a `task_abandoned` signal and a log line.
-    """
+) -> TrackedBackgroundTasks:
     tasks = TrackedBackgroundTasks()
     tasks.app = connection.scope.get("app")
-    tracker = tracker_of(connection.scope)
-    if tracker is not None:
-        tasks._tracker = tracker
+    tasks._tracker = tracker_of(connection.scope)
     fastapi_tasks.add_task(tasks.run)
-    _run_before_yield_dependencies_exit(connection, tasks)
-    try:
-        yield tasks
-    except BaseException as exc:
-        if tasks.tasks and not tasks._started:
-            with anyio.CancelScope(shield=True):
-                reason = f"the request failed with {type(exc).__name__} before its tasks ran"
-                await tasks._abandon(0, reason)
-        raise
-    if tasks.tasks and not tasks._started:  # pragma: no cover  (FastAPI < 0.121)
+    return tasks
+
+
+async def _settle(tasks: TrackedBackgroundTasks, exc: BaseException | None) -> None:
+    """At the end of the request: run the collection if FastAPI dropped it, or
+    report its tasks lost if the request failed."""
+    if tasks._started or not tasks.tasks:
+        return  # FastAPI ran it, or there is nothing to account for
+    if exc is None:
         # The endpoint returned a response with its own background, which
         # FastAPI ran instead of ours: ours run now, never dropped.
         await tasks.run()
+    else:
+        with anyio.CancelScope(shield=True):
+            reason = f"the request failed with {type(exc).__name__} before its tasks ran"
+            await tasks._abandon(0, reason)
 
 
-def _run_before_yield_dependencies_exit(
-    connection: HTTPConnection, tasks: TrackedBackgroundTasks
-) -> None:
-    """When the endpoint returns a response with its own background, run the
-    collection right after it, before *any* `yield` dependency exits.
+if TYPE_CHECKING or _HAS_EXIT_STACKS:
 
-    Our own exit comes too late for the dependencies entered after us (exits
-    unwind last-in, first-out), so once the endpoint has returned, and every
-    dependency has been entered, a runner goes on top of FastAPI's request
-    exit stack. With a FastAPI that has no such stacks, our own exit runs the
-    collection instead.
-    """
-    request_stack = connection.scope.get("fastapi_inner_astack")
-    function_stack = connection.scope.get("fastapi_function_astack")
-    if not isinstance(request_stack, AsyncExitStack) or not isinstance(
-        function_stack, AsyncExitStack
-    ):
-        return  # pragma: no cover  (FastAPI < 0.121)
+    async def get_background_tasks(
+        connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
+    ) -> TrackedBackgroundTasks:
+        """FastAPI dependency that provides the request's `TrackedBackgroundTasks`.
 
-    async def run_if_dropped(
-        exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None and not tasks._started:
-            await tasks.run()
+        FastAPI caches it per request, so every parameter that asks for it, in the
+        endpoint or in its dependencies, gets the same collection. Spelled out,
+        ``Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]`` is
+        what `fastapi_bgplus.BackgroundTasks` means.
 
-    async def after_endpoint() -> None:
-        request_stack.push_async_exit(run_if_dropped)
+        The collection rides in FastAPI's own background tasks, so it runs where
+        FastAPI's would: after the response, before the exit of `yield`
+        dependencies. If the endpoint returns a response with a background of its
+        own, FastAPI drops its tasks; this collection then runs right after the
+        response's own background, still before any `yield` dependency exits
+        (FastAPI >= 0.121; before that, from this provider's own exit). If the
+        request fails, the tasks do not run: each ends cancelled, with a
+        `task_abandoned` signal and a log line.
+        """
+        tasks = _new_collection(connection, fastapi_tasks)
+        request_stack: AsyncExitStack = connection.scope["fastapi_inner_astack"]
 
-    function_stack.push_async_callback(after_endpoint)
+        async def settle(
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None:
+            await _settle(tasks, exc)
+
+        async def after_endpoint() -> None:
+            # Exits unwind last in, first out: pushed once the endpoint has
+            # returned, and every dependency has been entered, `settle` runs
+            # before any `yield` dependency exits, whatever the parameter order.
+            request_stack.push_async_exit(settle)
+
+        connection.scope["fastapi_function_astack"].push_async_callback(after_endpoint)
+        return tasks
+
+else:  # pragma: no cover  (FastAPI < 0.121)
+
+    async def get_background_tasks(
+        connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
+    ) -> AsyncIterator[TrackedBackgroundTasks]:
+        """The same provider, as a ``yield`` dependency: older FastAPIs have no exit stacks."""
+        tasks = _new_collection(connection, fastapi_tasks)
+        try:
+            yield tasks
+        except BaseException as exc:
+            await _settle(tasks, exc)
+            raise
+        await _settle(tasks, None)
 
 
 BackgroundTasks = Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]
