@@ -315,6 +315,7 @@ class Accounting:
     summary: tuple[int, int, int] | None = None
     requests_cut: int = 0
     receiver_failures: int = 0
+    recorded_equals_returned: bool = False
     examples: list[str] = field(default_factory=list)
 
 
@@ -387,6 +388,7 @@ def account(sink: Path, stderr_path: Path, returned: list[str]) -> Accounting:
     result.duplicates += len(returned) - len(set(returned))
     result.returned_unknown = sum(task_id not in kinds for task_id in returned)
     result.returned_lost = sum(status.get(task_id) == "lost" for task_id in returned)
+    result.recorded_equals_returned = set(outcomes) == set(returned)
     return result
 
 
@@ -470,6 +472,9 @@ def load_phase(workdir: Path, args: argparse.Namespace) -> list[str]:
         exit_code = stop_server(server)
     acc = account(sink, server.stderr_path, stats.returned)
     problems = report("load", stats, acc, exit_code, server.stderr_path)
+    print(f"  ids recorded == returned {acc.recorded_equals_returned}")
+    if not acc.recorded_equals_returned:
+        problems.append("load: the ids the tasks recorded differ from the ids returned")
     if not settled:
         problems.append("load: tasks had not all ended 120 s after the last request")
     if acc.abandoned or acc.failed:
