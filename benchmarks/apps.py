@@ -7,8 +7,8 @@ Per request (the same realistic endpoint three times): ``POST /plain`` queues
 nothing, ``POST /fastapi`` queues one no-op async task through
 `fastapi.BackgroundTasks`, ``POST /bgplus`` through `fastapi_bgplus.BackgroundTasks`.
 Each validates a small JSON order with Pydantic and answers a JSON receipt.
-``POST /candidate`` is the bgplus one through a candidate provider (a plain
-``async def`` dependency instead of a ``yield`` one; see `candidate_provider`).
+``POST /untracked`` is the bgplus one with its collection not bound to the
+tracker, as in an app without the lifespan hook.
 
 Starvation: ``POST /block/fastapi`` and ``POST /block/bgplus`` queue one blocking
 sync task (``time.sleep``) each; ``GET /ping`` is a plain ``def`` endpoint, run
@@ -24,11 +24,8 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Annotated, Any
 
-import anyio
 import fastapi
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
@@ -43,7 +40,7 @@ tracker = fastapi_bgplus.TaskTracker()
 app = FastAPI(lifespan=tracker.lifespan)
 
 _order_ids = itertools.count(1)
-_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "candidate": 0, "blocking": 0}
+_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "untracked": 0, "blocking": 0}
 _unfinished = 0  # blocking tasks queued and not yet finished
 _lock = threading.Lock()
 
@@ -98,52 +95,27 @@ async def with_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Re
     return result
 
 
-async def after_candidate(order_id: int) -> None:
-    _ran["candidate"] += 1
+async def after_untracked(order_id: int) -> None:
+    _ran["untracked"] += 1
 
 
-async def candidate_provider(
+async def untracked_provider(
     connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
 ) -> TrackedBackgroundTasks:
-    """A candidate for `get_background_tasks`, measured side by side with it.
-
-    The same collection, bound the same way (app, tracker), with the same
-    guarantees (run when FastAPI drops it for a response's own background,
-    abandoned visibly when the request fails), but a plain ``async def``
-    that hooks FastAPI's request and function exit stacks (FastAPI >= 0.121)
-    instead of a ``yield`` dependency.
-    """
-    scope = connection.scope
-    tasks = TrackedBackgroundTasks()
-    tasks.app = scope.get("app")
-    tasks._tracker = tracker_of(scope)
-    fastapi_tasks.add_task(tasks.run)
-    request_stack: AsyncExitStack = scope["fastapi_inner_astack"]
-
-    async def settle(
-        exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if tasks._started or not tasks.tasks:
-            return
-        if exc is None:
-            await tasks.run()
-        else:
-            with anyio.CancelScope(shield=True):
-                await tasks._abandon(0, f"the request failed with {type(exc).__name__}")
-
-    async def after_endpoint() -> None:
-        request_stack.push_async_exit(settle)
-
-    scope["fastapi_function_astack"].push_async_callback(after_endpoint)
+    """The shipped provider, with the collection unbound from the tracker, as
+    in an app without the `TaskTracker` lifespan: what tracking costs."""
+    tasks = await fastapi_bgplus.get_background_tasks(connection, fastapi_tasks)
+    tasks._tracker = None
     return tasks
 
 
-@app.post("/candidate")
-async def with_candidate(
-    order: Order, tasks: Annotated[TrackedBackgroundTasks, Depends(candidate_provider)]
-) -> Receipt:
+Untracked = Annotated[TrackedBackgroundTasks, Depends(untracked_provider)]
+
+
+@app.post("/untracked")
+async def with_untracked(order: Order, tasks: Untracked) -> Receipt:
     result = receipt(order)
-    tasks.add_task(after_candidate, result.order_id)
+    tasks.add_task(after_untracked, result.order_id)
     return result
 
 
@@ -208,7 +180,7 @@ async def yield_dependency() -> AsyncIterator[int]:
 async def plain_provider(
     connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
 ) -> TrackedBackgroundTasks:
-    """Our collection from a plain dependency, with no exit hook at all."""
+    """Our collection from a plain dependency, without the provider's exit hooks."""
     tasks = TrackedBackgroundTasks()
     tasks.app = connection.scope.get("app")
     tasks._tracker = tracker_of(connection.scope)
@@ -219,7 +191,7 @@ async def plain_provider(
 async def yield_provider(
     connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
 ) -> AsyncIterator[TrackedBackgroundTasks]:
-    """The same, as a bare ``yield`` dependency."""
+    """The same from a ``yield`` dependency (the mechanism before 0.1.0's change)."""
     yield await plain_provider(connection, fastapi_tasks)
 
 
@@ -228,7 +200,6 @@ AnyPlainDependency = Annotated[int, Depends(plain_dependency)]
 AnyYieldDependency = Annotated[int, Depends(yield_dependency)]
 FromPlainProvider = Annotated[TrackedBackgroundTasks, Depends(plain_provider)]
 FromYieldProvider = Annotated[TrackedBackgroundTasks, Depends(yield_provider)]
-FromCandidate = Annotated[TrackedBackgroundTasks, Depends(candidate_provider)]
 
 
 def mechanism_app(mechanism: str) -> FastAPI:
@@ -284,10 +255,10 @@ def mechanism_app(mechanism: str) -> FastAPI:
             tasks.add_task(noop, result.order_id)
             return result
 
-    elif mechanism == "candidate provider":
+    elif mechanism == "fastapi_bgplus.BackgroundTasks, tracker off":
 
         @one.post("/x")
-        async def from_candidate(order: Order, tasks: FromCandidate) -> Receipt:
+        async def from_untracked(order: Order, tasks: Untracked) -> Receipt:
             result = receipt(order)
             tasks.add_task(noop, result.order_id)
             return result
@@ -311,6 +282,6 @@ MECHANISMS = (
     "fastapi + any yield dependency",
     "our collection, plain dependency",
     "our collection, yield dependency",
-    "candidate provider",
     "fastapi_bgplus.BackgroundTasks",
+    "fastapi_bgplus.BackgroundTasks, tracker off",
 )
