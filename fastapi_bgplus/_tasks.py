@@ -234,7 +234,10 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             # Cancelled in a task, or in a receiver awaited between tasks:
             # every task that has not ended is reported lost (those before it
             # have all ended), so that none ends without a trace.
-            cause = self._cancel_reason or "the request's background work was cancelled"
+            cause = self._cancel_reason or (
+                "the request's background work was cancelled (by the server, for"
+                " instance at shutdown past --timeout-graceful-shutdown, or by the caller)"
+            )
             with anyio.CancelScope(shield=True):
                 await self._abandon(0, cause)
             raise
