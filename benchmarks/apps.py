@@ -34,7 +34,7 @@ from starlette.requests import HTTPConnection
 
 import fastapi_bgplus
 from fastapi_bgplus import TrackedBackgroundTasks
-from fastapi_bgplus._tracker import tracker_of
+from fastapi_bgplus._fastapi import _new_collection
 
 tracker = fastapi_bgplus.TaskTracker()
 app = FastAPI(lifespan=tracker.lifespan)
@@ -181,11 +181,7 @@ async def plain_provider(
     connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
 ) -> TrackedBackgroundTasks:
     """Our collection from a plain dependency, without the provider's exit hooks."""
-    tasks = TrackedBackgroundTasks()
-    tasks.app = connection.scope.get("app")
-    tasks._tracker = tracker_of(connection.scope)
-    fastapi_tasks.add_task(tasks.run)
-    return tasks
+    return _new_collection(connection, fastapi_tasks)
 
 
 async def yield_provider(

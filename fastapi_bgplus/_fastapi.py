@@ -46,7 +46,7 @@ async def _settle(tasks: TrackedBackgroundTasks, exc: BaseException | None) -> N
     else:
         with anyio.CancelScope(shield=True):
             reason = f"the request failed with {type(exc).__name__} before its tasks ran"
-            await tasks._abandon(0, reason)
+            await tasks._abandon(reason)
 
 
 if TYPE_CHECKING or _HAS_EXIT_STACKS:

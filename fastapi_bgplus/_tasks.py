@@ -239,12 +239,12 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 " instance at shutdown past --timeout-graceful-shutdown, or by the caller)"
             )
             with anyio.CancelScope(shield=True):
-                await self._abandon(0, cause)
+                await self._abandon(cause)
             raise
 
-    async def _abandon(self, start: int, cause: str) -> None:
-        """End every unfinished task from `start` on as cancelled, loudly."""
-        for task, handle in zip(self.tasks[start:], self.handles[start:], strict=True):
+    async def _abandon(self, cause: str) -> None:
+        """End every unfinished task as cancelled, loudly."""
+        for task, handle in zip(self.tasks, self.handles, strict=True):
             if handle.finished:
                 continue
             if handle.status is TaskStatus.RUNNING:

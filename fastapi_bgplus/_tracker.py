@@ -236,13 +236,13 @@ class TaskTracker:
             if scope is not None:
                 scope.cancel()
             else:
-                await tasks._abandon(0, reason)
+                await tasks._abandon(reason)
         if self._live:
             # The cancelled collections report their own losses as they unwind.
             await self._wait_idle(_UNWIND_GRACE)
         for tasks in {tasks for _, tasks in self._live.values()}:
             # A task that swallowed its cancellation is still reported lost.
-            await tasks._abandon(0, reason)
+            await tasks._abandon(reason)
 
     # Called by the task collections
 
