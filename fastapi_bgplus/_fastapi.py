@@ -5,55 +5,27 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Annotated
 
-import anyio
 import fastapi
 import fastapi.params
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from ._tasks import TrackedBackgroundTasks
-from ._tracker import tracker_of
 
 __all__ = ["BackgroundTasks", "get_background_tasks"]
 
 
 # FastAPI >= 0.121 keeps a request-scoped and a function-scoped exit stack in
 # the scope (they came with ``Depends(scope=...)``). With them the provider is
-# a plain ``async def`` that hooks those stacks; a ``yield`` dependency, which
-# older versions need, costs some 25 us more per request (benchmarks/README.md).
+# a plain ``async def`` that runs the collection from the request's exit stack;
+# older versions need a ``yield`` dependency and FastAPI's own background
+# tasks, which cost some 40 us more per request (benchmarks/README.md).
 _HAS_EXIT_STACKS = hasattr(fastapi.params.Depends(), "scope")
-
-
-def _new_collection(
-    connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
-) -> TrackedBackgroundTasks:
-    tasks = TrackedBackgroundTasks()
-    tasks.app = connection.scope.get("app")
-    tasks._tracker = tracker_of(connection.scope)
-    fastapi_tasks.add_task(tasks.run)
-    return tasks
-
-
-async def _settle(tasks: TrackedBackgroundTasks, exc: BaseException | None) -> None:
-    """At the end of the request: run the collection if FastAPI dropped it, or
-    report its tasks lost if the request failed."""
-    if tasks._started or not tasks.tasks:
-        return  # FastAPI ran it, or there is nothing to account for
-    if exc is None:
-        # The endpoint returned a response with its own background, which
-        # FastAPI ran instead of ours: ours run now, never dropped.
-        await tasks.run()
-    else:
-        with anyio.CancelScope(shield=True):
-            reason = f"the request failed with {type(exc).__name__} before its tasks ran"
-            await tasks._abandon(reason)
 
 
 if TYPE_CHECKING or _HAS_EXIT_STACKS:
 
-    async def get_background_tasks(
-        connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
-    ) -> TrackedBackgroundTasks:
+    async def get_background_tasks(connection: HTTPConnection) -> TrackedBackgroundTasks:
         """FastAPI dependency that provides the request's `TrackedBackgroundTasks`.
 
         FastAPI caches it per request, so every parameter that asks for it, in the
@@ -61,32 +33,31 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         ``Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]`` is
         what `fastapi_bgplus.BackgroundTasks` means.
 
-        The collection rides in FastAPI's own background tasks, so it runs where
-        FastAPI's would: after the response, before the exit of `yield`
-        dependencies. If the endpoint returns a response with a background of its
-        own, FastAPI drops its tasks; this collection then runs right after the
-        response's own background, still before any `yield` dependency exits
-        (FastAPI >= 0.121; before that, from this provider's own exit). If the
-        request fails, the tasks do not run: each ends cancelled, with a
-        `task_abandoned` signal and a log line.
+        The tasks run where FastAPI's own would: after the response (and after
+        its own background, if the endpoint returns a response with one), before
+        the exit of `yield` dependencies. If the request fails, they do not run:
+        each ends cancelled, with a `task_abandoned` signal and a log line. Then
+        the collection is closed (see `TrackedBackgroundTasks.end_request`).
         """
-        tasks = _new_collection(connection, fastapi_tasks)
-        request_stack: AsyncExitStack = connection.scope["fastapi_inner_astack"]
+        tasks = TrackedBackgroundTasks.for_request(connection)
+        scope = connection.scope
+        request_stack: AsyncExitStack = scope["fastapi_inner_astack"]
 
-        async def settle(
+        async def end_request(
             exc_type: type[BaseException] | None,
             exc: BaseException | None,
             tb: TracebackType | None,
         ) -> None:
-            await _settle(tasks, exc)
+            await tasks.end_request(exc)
 
         async def after_endpoint() -> None:
             # Exits unwind last in, first out: pushed once the endpoint has
-            # returned, and every dependency has been entered, `settle` runs
-            # before any `yield` dependency exits, whatever the parameter order.
-            request_stack.push_async_exit(settle)
+            # returned, and every dependency has been entered, `end_request`
+            # runs before any `yield` dependency exits, whatever the parameter
+            # order, and after the response has been sent.
+            request_stack.push_async_exit(end_request)
 
-        connection.scope["fastapi_function_astack"].push_async_callback(after_endpoint)
+        scope["fastapi_function_astack"].push_async_callback(after_endpoint)
         return tasks
 
 else:  # pragma: no cover  (FastAPI < 0.121)
@@ -94,14 +65,18 @@ else:  # pragma: no cover  (FastAPI < 0.121)
     async def get_background_tasks(
         connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
     ) -> AsyncIterator[TrackedBackgroundTasks]:
-        """The same provider, as a ``yield`` dependency: older FastAPIs have no exit stacks."""
-        tasks = _new_collection(connection, fastapi_tasks)
+        """The same provider, as a ``yield`` dependency: older FastAPIs have no
+        exit stacks. The collection rides in FastAPI's own background tasks, so
+        it runs after the response; if FastAPI drops them (a response with its
+        own background), it runs from this dependency's exit."""
+        tasks = TrackedBackgroundTasks.for_request(connection)
+        fastapi_tasks.add_task(tasks.run)
         try:
             yield tasks
         except BaseException as exc:
-            await _settle(tasks, exc)
+            await tasks.end_request(exc)
             raise
-        await _settle(tasks, None)
+        await tasks.end_request(None)
 
 
 BackgroundTasks = Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]

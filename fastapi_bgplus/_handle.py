@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["TaskHandle", "TaskStatus"]
+__all__ = ["TaskHandle", "TaskStatus", "finished_mono", "mark_finished", "mark_started"]
 
 
 class TaskStatus(str, enum.Enum):
@@ -24,6 +24,9 @@ class TaskStatus(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    LOST = "lost"
+    """Its process stopped without reporting an end; it may or may not have run.
+    Only a task store answers it, for a task of another process (see `TaskTracker`)."""
 
     def __str__(self) -> str:
         return self.value
@@ -31,13 +34,13 @@ class TaskStatus(str, enum.Enum):
 
 # The members, bound once: reading one off the class costs about 100 ns before
 # Python 3.12, and every task reads several on its way through.
-_PENDING = TaskStatus.PENDING
-_RUNNING = TaskStatus.RUNNING
-_DONE = TaskStatus.DONE
-_FINISHED = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+PENDING = TaskStatus.PENDING
+RUNNING = TaskStatus.RUNNING
+DONE = TaskStatus.DONE
+FINISHED = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.LOST})
 
 
-def _callable_name(func: Any) -> str:
+def callable_name(func: Any) -> str:
     if type(func) is FunctionType and func.__module__:  # the common case, quickly
         return f"{func.__module__}.{func.__qualname__}"
     while isinstance(func, functools.partial):
@@ -88,6 +91,7 @@ class TaskHandle:
         "_finished_event",
         "_finished_mono",
         "_started_mono",
+        "attempts",
         "error",
         "name",
         "status",
@@ -97,8 +101,9 @@ class TaskHandle:
     def __init__(self, name: str) -> None:
         self.task_id: str = _new_task_id()
         self.name: str = name
-        self.status: TaskStatus = _PENDING
+        self.status: TaskStatus = PENDING
         self.error: BaseException | None = None
+        self.attempts: int = 0
         # One wall-clock reading; later timestamps are derived from the
         # monotonic clock, which is cheaper and cannot jump.
         self._created_wall = time.time()
@@ -140,8 +145,8 @@ class TaskHandle:
 
     @property
     def finished(self) -> bool:
-        """Whether the task has reached an end state: done, failed or cancelled."""
-        return self.status in _FINISHED
+        """Whether the task has reached an end state: done, failed, cancelled (or lost)."""
+        return self.status in FINISHED
 
     async def wait(self) -> None:
         """Return once the task has reached an end state, whichever it is."""
@@ -164,11 +169,32 @@ class TaskHandle:
             "finished_at": finished_at.isoformat() if finished_at else None,
             "duration_s": self.duration_s,
             "error": type(self.error).__name__ if self.error is not None else None,
+            "attempts": self.attempts,
         }
 
-    def _finish(self, status: TaskStatus, error: BaseException | None = None) -> None:
-        self.status = status
-        self.error = error
-        self._finished_mono = time.perf_counter()
-        if self._finished_event is not None:
-            self._finished_event.set()
+
+# A task's transitions, written only here; `_lifecycle` decides when.
+
+
+def mark_started(handle: TaskHandle) -> None:
+    """Pending (or retrying) to running: one more attempt begins."""
+    handle.status = RUNNING
+    handle.attempts += 1
+    if handle._started_mono is None:
+        handle._started_mono = time.perf_counter()
+
+
+def mark_finished(
+    handle: TaskHandle, status: TaskStatus, error: BaseException | None = None
+) -> None:
+    """Running or pending to an end state; wakes every `wait()`."""
+    handle.status = status
+    handle.error = error
+    handle._finished_mono = time.perf_counter()
+    if handle._finished_event is not None:
+        handle._finished_event.set()
+
+
+def finished_mono(handle: TaskHandle) -> float | None:
+    """When it finished, on `time.perf_counter()`'s clock (for expiry)."""
+    return handle._finished_mono

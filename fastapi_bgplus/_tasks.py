@@ -1,31 +1,34 @@
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-import logging
+import traceback
 from collections.abc import Callable, Sequence
-from time import perf_counter
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 import anyio
 import anyio.to_thread
+import sniffio
 from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
-from ._handle import _DONE, _PENDING, _RUNNING, TaskHandle, TaskStatus, _callable_name
+from . import _lifecycle as lifecycle
+from ._handle import PENDING, RUNNING, TaskHandle, callable_name
 from ._limiter import current_thread_limiter
-from ._signals import send
-from .signals import task_abandoned, task_completed, task_failed, task_started
+from ._tracker import tracker_of
 
 if TYPE_CHECKING:
-    from ._tracker import TaskTracker
+    from typing_extensions import Self
+
+    from ._lifecycle import TaskObserver
 
 __all__ = ["TrackedBackgroundTasks"]
 
 P = ParamSpec("P")
-
-logger = logging.getLogger("fastapi_bgplus")
 
 
 _GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
@@ -68,7 +71,7 @@ def _check_task_callable(func: Any) -> None:
 
 def _generator_function_error(func: Any) -> TypeError:
     return TypeError(
-        f"add_task() got a generator function ({_callable_name(func)}),"
+        f"add_task() got a generator function ({callable_name(func)}),"
         f" whose body would never run; background tasks must be plain"
         f" 'def' or 'async def' functions: wrap it in one that iterates it"
     )
@@ -85,7 +88,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     In FastAPI, annotate parameters with `fastapi_bgplus.BackgroundTasks` to
     receive the request's collection. Elsewhere, build one and hand it to a
-    response: ``Response(..., background=BackgroundTasks())``.
+    response: ``Response(..., background=BackgroundTasks())``, or
+    `for_request(request)` to have it tracked by the app's `TaskTracker`.
 
     Parameters:
         tasks: Starlette `BackgroundTask` objects to queue, in order; each gets
@@ -96,9 +100,11 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         self.tasks: list[BackgroundTask] = []
         self.handles: list[TaskHandle] = []
         self.app: Any = None
-        self._tracker: TaskTracker | None = None
+        self._observers: Sequence[TaskObserver] = ()
         self._started = False
+        self._closed: str | None = None  # why later tasks cannot run, once closed
         self._cancel_reason: str | None = None
+        self._host: Any = None  # what `cancel()` cancels while it runs
         for task in tasks or ():
             if not isinstance(task, BackgroundTask):
                 raise TypeError(
@@ -113,6 +119,19 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 _check_task_callable(task.func)
             self._queue(task)
 
+    @classmethod
+    def for_request(cls, connection: HTTPConnection | Scope) -> Self:
+        """A collection for this request's application: its signals are sent
+        with the app as sender, and the app's `TaskTracker` (if its lifespan
+        runs) tracks its tasks. The FastAPI provider builds them this way."""
+        scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+        tasks = cls()
+        tasks.app = scope.get("app")
+        tracker = tracker_of(scope)
+        if tracker is not None:
+            tasks._observers = tracker.observers
+        return tasks
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.tasks)} task(s)>"
 
@@ -123,24 +142,31 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
         Returns the task's `TaskHandle`. Raises `TypeError` for what can never
         run (a non-callable, a coroutine object, a generator function) and
-        `RuntimeError` once the collection has started running; nothing is
-        queued then.
+        `RuntimeError` while the collection runs; nothing is queued then.
+        Once a request's collection is closed (its tasks have run or were
+        abandoned), the handle returned has already ended ``cancelled``,
+        with a `task_abandoned` signal and a WARNING that say why.
         """
+        _check_task_callable(func)
+        if self._closed is not None:
+            handle = TaskHandle(callable_name(func))
+            lifecycle.queued(self._observers, handle, self)
+            lifecycle.abandoned_now(self.app, self._observers, handle, func, self._closed)
+            return handle
         if self._started:
             raise RuntimeError(
                 "add_task() was called on a BackgroundTasks collection that has"
                 " already started running; queue tasks before the response is"
                 " sent, or build a new collection for later work"
             )
-        _check_task_callable(func)
         return self._queue(BackgroundTask(func, *args, **kwargs))
 
     def _queue(self, task: BackgroundTask) -> TaskHandle:
-        handle = TaskHandle(_callable_name(task.func))
+        handle = TaskHandle(callable_name(task.func))
         self.tasks.append(task)
         self.handles.append(handle)
-        if self._tracker is not None:
-            self._tracker._track(self, handle)
+        if self._observers:
+            lifecycle.queued(self._observers, handle, self)
         return handle
 
     async def run(self) -> None:
@@ -149,7 +175,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         Raises `RuntimeError` if it has already run. Cancellation is not
         swallowed: the running task and those queued behind it end
         ``cancelled``, each with a `task_abandoned` signal, and the
-        cancellation propagates.
+        cancellation propagates (unless it came from `cancel()`).
         """
         if self._started:
             raise RuntimeError(
@@ -157,89 +183,84 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 " collection runs once; build a new BackgroundTasks() for more work"
             )
         self._started = True
-        if self._tracker is None:
-            await self._run_tasks()
+        if not self._observers:
+            await self._run_tasks()  # nothing can cut it off: no need to prepare for it
         else:
-            with self._tracker._cancel_scope(self):
-                await self._run_tasks()
+            await _run_cancellable(self)
 
     # `await tasks()` is `await tasks.run()`, without a coroutine in between.
     __call__ = run
 
+    async def end_request(self, error: BaseException | None) -> None:
+        """Settle the collection at the end of its request, and close it.
+
+        If the request succeeded, its tasks run now (unless they already ran,
+        as a response's background); if it failed with `error`, each ends
+        ``cancelled``. Either way the collection is closed: a task added to it
+        later ends ``cancelled`` at once, loudly, and is never left pending.
+        """
+        if error is None:
+            if not self._started:
+                await self.run()
+            self._close("it was queued after the request's background tasks had run")
+        else:
+            self._close(
+                "it was queued after the request failed and its background tasks were abandoned"
+            )
+            with anyio.CancelScope(shield=True):
+                await self._abandon(
+                    f"the request failed with {type(error).__name__} before its tasks ran"
+                )
+
+    def _close(self, reason: str) -> None:
+        self._closed = reason
+
+    async def cancel(self, reason: str) -> None:
+        """Cut the collection off: every unfinished task ends ``cancelled`` with
+        `reason`. A running collection is cancelled and reports its own losses
+        as it unwinds; one not yet running is abandoned at once."""
+        host = self._host
+        if host is not None and self._cancel_reason is None:
+            self._cancel_reason = reason
+            host.cancel()
+        else:
+            # Not running, or still running after a first cancel (a task
+            # that swallows cancellation): report the losses now.
+            await self._abandon(reason)
+
     async def _run_tasks(self) -> None:
         sender = self.app
+        observers = self._observers
         tasks = self.tasks
-        tracker = self._tracker
         try:
             # Not zip(): with strict=True, which linters ask for, it costs as
             # much as a no-op task on Python 3.11.
             for index, handle in enumerate(self.handles):
-                task = tasks[index]
-                if handle.status is not _PENDING:
+                if handle.status is not PENDING:
                     continue  # abandoned before the collection ran
-                # Started here, not in a TaskHandle method: this loop is the hot path.
-                handle.status = _RUNNING
-                handle._started_mono = perf_counter()
+                task = tasks[index]
+                func = task.func
                 try:
-                    if task_started.receivers:
-                        await send(
-                            task_started,
-                            sender,
-                            handle=handle,
-                            task_id=handle.task_id,
-                            func=task.func,
-                        )
+                    if (signal := lifecycle.started(sender, observers, handle, func)) is not None:
+                        await signal
                     if task.is_async:
-                        await task.func(*task.args, **task.kwargs)
+                        await func(*task.args, **task.kwargs)
                     else:
                         await _run_sync(task)
                 except Exception as exc:
-                    if handle.status is not _RUNNING:
-                        continue  # reported lost by the tracker while it ran
-                    handle._finish(TaskStatus.FAILED, exc)
-                    logger.error(
-                        "Background task %s (%s) failed",
-                        handle.task_id,
-                        handle.name,
-                        exc_info=exc,
-                    )
-                    if tracker is not None:
-                        tracker._settle(handle)
-                    if task_failed.receivers:
-                        await send(
-                            task_failed,
-                            sender,
-                            handle=handle,
-                            task_id=handle.task_id,
-                            func=task.func,
-                            duration_s=handle.duration_s,
-                            error=exc,
-                        )
+                    if handle.status is RUNNING:  # not reported lost meanwhile
+                        await lifecycle.failed(sender, observers, handle, func, exc)
                 else:
-                    if handle.status is not _RUNNING:
-                        continue  # reported lost by the tracker while it ran
-                    handle._finish(_DONE)
-                    if tracker is not None:
-                        tracker._settle(handle)
-                    if task_completed.receivers:
-                        await send(
-                            task_completed,
-                            sender,
-                            handle=handle,
-                            task_id=handle.task_id,
-                            func=task.func,
-                            duration_s=handle.duration_s,
-                        )
+                    if handle.status is RUNNING and (
+                        signal := lifecycle.completed(sender, observers, handle, func)
+                    ):
+                        await signal
         except BaseException:
             # Cancelled in a task, or in a receiver awaited between tasks:
             # every task that has not ended is reported lost (those before it
             # have all ended), so that none ends without a trace.
-            cause = self._cancel_reason or (
-                "the request's background work was cancelled (by the server, for"
-                " instance at shutdown past --timeout-graceful-shutdown, or by the caller)"
-            )
             with anyio.CancelScope(shield=True):
-                await self._abandon(cause)
+                await self._abandon(self._cancel_reason or _CANCELLED)
             raise
 
     async def _abandon(self, cause: str) -> None:
@@ -247,31 +268,61 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         for task, handle in zip(self.tasks, self.handles, strict=True):
             if handle.finished:
                 continue
-            if handle.status is TaskStatus.RUNNING:
+            if handle.status is RUNNING:
                 reason = f"{cause}; it was cut off while running"
             else:
                 reason = f"{cause}; it never started"
-            handle._finish(TaskStatus.CANCELLED)
-            logger.warning(
-                "Background task %s (%s) abandoned: %s",
-                handle.task_id,
-                handle.name,
-                reason,
-            )
-            self._settle(handle)
-            if task_abandoned.receivers:
-                await send(
-                    task_abandoned,
-                    self.app,
-                    handle=handle,
-                    task_id=handle.task_id,
-                    func=task.func,
-                    reason=reason,
-                )
+            await lifecycle.abandoned(self.app, self._observers, handle, task.func, reason)
 
-    def _settle(self, handle: TaskHandle) -> None:
-        if self._tracker is not None:
-            self._tracker._settle(handle)
+
+_CANCELLED = (
+    "the request's background work was cancelled (by the server, for instance at"
+    " shutdown past its graceful-shutdown timeout: uvicorn --timeout-graceful-shutdown,"
+    " hypercorn --graceful-timeout; or by the caller)"
+)
+
+
+async def _run_cancellable(tasks: TrackedBackgroundTasks) -> None:
+    """Run `tasks` so that `tasks.cancel()` can cut it off.
+
+    Not an anyio `CancelScope`: on asyncio, creating and entering one costs
+    more than the rest of a request's tracking together. The host task is
+    recorded instead and cancelled natively, only if the drain has to; on
+    trio, its own cancel scope is as cheap.
+    """
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        with trio.CancelScope() as scope:
+            tasks._host = scope
+            try:
+                await tasks._run_tasks()
+            finally:
+                tasks._host = None
+                _forget_arguments(tasks.handles)
+        return
+    task = asyncio.current_task()
+    tasks._host = task
+    try:
+        await tasks._run_tasks()
+    except asyncio.CancelledError:
+        if tasks._cancel_reason is None:
+            raise  # not ours
+        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+        if uncancel is not None and uncancel():
+            raise  # cancelled by someone else as well
+    finally:
+        tasks._host = None
+        _forget_arguments(tasks.handles)
+
+
+def _forget_arguments(handles: list[TaskHandle]) -> None:
+    """A tracked collection has run: a failed handle keeps its exception and
+    traceback, but the tracker's history must not keep the request's
+    arguments alive through the frames' locals."""
+    for handle in handles:
+        if handle.error is not None:
+            traceback.clear_frames(handle.error.__traceback__)
 
 
 async def _run_sync(task: BackgroundTask) -> None:

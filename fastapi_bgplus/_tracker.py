@@ -4,22 +4,20 @@ import logging
 import math
 import re
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.types import Scope
 
-from ._handle import TaskHandle, TaskStatus
+from ._handle import TaskHandle, TaskStatus, finished_mono
+from ._lifecycle import Cancellable, TaskObserver
 from ._limiter import current_thread_limiter
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
-
-    from ._tasks import TrackedBackgroundTasks
 
 __all__ = ["DEFAULT_HISTORY_SIZE", "DEFAULT_HISTORY_TTL", "TaskTracker"]
 
@@ -41,6 +39,60 @@ def tracker_of(scope: Scope) -> TaskTracker | None:
     """The tracker serving the application of this request, if any."""
     state = scope.get("state")
     return state.get(_STATE_KEY) if state else None
+
+
+class _Ledger:
+    """The tracker's books: live tasks, the bounded history, counts since
+    startup. The `TaskObserver` through which every transition reaches it."""
+
+    def __init__(self, history_size: int, history_ttl: float | None) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
+        self.history: OrderedDict[str, TaskHandle] = OrderedDict()
+        self.counts = dict.fromkeys(_END_STATES, 0)
+        self.idle: anyio.Event | None = None
+
+    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
+        self.live[handle.task_id] = (handle, run)
+
+    def task_started(self, handle: TaskHandle) -> None:
+        pass
+
+    def task_ended(self, handle: TaskHandle) -> None:
+        self.live.pop(handle.task_id, None)
+        self.counts[handle.status] += 1
+        if self.history_size:
+            history = self.history
+            history[handle.task_id] = handle
+            if len(history) > self.history_size:
+                history.popitem(last=False)
+            self.expire(time.perf_counter())
+        if self.idle is not None and not self.live:
+            self.idle.set()
+
+    def get(self, task_id: str) -> TaskHandle | None:
+        entry = self.live.get(task_id)
+        if entry is not None:
+            return entry[0]
+        self.expire(time.perf_counter())
+        return self.history.get(task_id)
+
+    def expire(self, now: float) -> None:
+        """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
+        if self.history_ttl is None:
+            return
+        deadline = now - self.history_ttl
+        history = self.history
+        while history:
+            # Handles enter the history as they finish, so the oldest is first.
+            oldest = next(iter(history.values()))
+            if finished_mono(oldest) >= deadline:  # type: ignore[operator]
+                break
+            history.popitem(last=False)
+
+
+_END_STATES = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
 class TaskTracker:
@@ -94,33 +146,40 @@ class TaskTracker:
         if thread_limit is not None and not _is_count(thread_limit, 1):
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
         self.drain_timeout = drain_timeout
-        self.history_size = history_size
-        self.history_ttl = history_ttl
         self.thread_limit = thread_limit
-        self._live: dict[str, tuple[TaskHandle, TrackedBackgroundTasks]] = {}
-        self._history: OrderedDict[str, TaskHandle] = OrderedDict()
-        self._scopes: dict[TrackedBackgroundTasks, anyio.CancelScope] = {}
-        self._idle: anyio.Event | None = None
+        self._ledger = _Ledger(history_size, history_ttl)
         self._serving = False
-        self._counts = {TaskStatus.DONE: 0, TaskStatus.FAILED: 0, TaskStatus.CANCELLED: 0}
 
     def __repr__(self) -> str:
-        return f"<TaskTracker in_flight={len(self._live)} history={len(self._history)}>"
+        ledger = self._ledger
+        return f"<TaskTracker in_flight={len(ledger.live)} history={len(ledger.history)}>"
+
+    @property
+    def history_size(self) -> int:
+        """Finished handles kept for `get()`."""
+        return self._ledger.history_size
+
+    @property
+    def history_ttl(self) -> float | None:
+        """Seconds a finished handle is kept for `get()`; `None`: no limit."""
+        return self._ledger.history_ttl
+
+    @property
+    def observers(self) -> tuple[TaskObserver, ...]:
+        """Who hears the transitions of the tasks this tracker tracks (bound
+        to each request's collection by `TrackedBackgroundTasks.for_request`)."""
+        return (self._ledger,)
 
     # Lookup
 
     def get(self, task_id: str) -> TaskHandle | None:
         """The handle of the task with this id, or `None` if it is unknown or expired."""
-        entry = self._live.get(task_id)
-        if entry is not None:
-            return entry[0]
-        self._expire(time.perf_counter())
-        return self._history.get(task_id)
+        return self._ledger.get(task_id)
 
     @property
     def in_flight(self) -> list[TaskHandle]:
         """Handles of the tracked tasks that have not finished, oldest first."""
-        return [handle for handle, _ in self._live.values()]
+        return [handle for handle, _ in self._ledger.live.values()]
 
     def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
         """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
@@ -187,7 +246,8 @@ class TaskTracker:
 
     @asynccontextmanager
     async def _draining(self) -> AsyncIterator[None]:
-        self._counts = dict.fromkeys(self._counts, 0)
+        ledger = self._ledger
+        ledger.counts = dict.fromkeys(_END_STATES, 0)
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         try:
@@ -197,20 +257,21 @@ class TaskTracker:
                 await self._drain()
 
     async def _drain(self) -> None:
+        ledger = self._ledger
         started = time.perf_counter()
-        in_flight = len(self._live)
-        if self._live:
+        in_flight = len(ledger.live)
+        if ledger.live:
             logger.info(
                 "Shutting down: waiting up to %s s for %d background task(s)",
                 self.drain_timeout,
                 in_flight,
             )
             await self._wait_idle(self.drain_timeout)
-        if self._live:
+        if ledger.live:
             await self._cut_off(
                 f"the application shut down and drain_timeout ({self.drain_timeout} s) ran out"
             )
-        counts = self._counts
+        counts = ledger.counts
         logger.log(
             logging.WARNING if counts[TaskStatus.CANCELLED] else logging.INFO,
             "Background tasks drained in %.2f s (%d in flight at shutdown);"
@@ -223,71 +284,22 @@ class TaskTracker:
         )
 
     async def _wait_idle(self, seconds: float) -> None:
-        self._idle = anyio.Event()
+        ledger = self._ledger
+        ledger.idle = anyio.Event()
         with anyio.move_on_after(seconds):
-            await self._idle.wait()
-        self._idle = None
+            await ledger.idle.wait()
+        ledger.idle = None
 
     async def _cut_off(self, reason: str) -> None:
-        collections = {tasks for _, tasks in self._live.values()}
-        for tasks in collections:
-            tasks._cancel_reason = reason
-            scope = self._scopes.get(tasks)
-            if scope is not None:
-                scope.cancel()
-            else:
-                await tasks._abandon(reason)
-        if self._live:
-            # The cancelled collections report their own losses as they unwind.
+        live = self._ledger.live
+        for run in {run for _, run in live.values()}:
+            await run.cancel(reason)
+        if live:
+            # The cancelled runs report their own losses as they unwind.
             await self._wait_idle(_UNWIND_GRACE)
-        for tasks in {tasks for _, tasks in self._live.values()}:
+        for run in {run for _, run in live.values()}:
             # A task that swallowed its cancellation is still reported lost.
-            await tasks._abandon(reason)
-
-    # Called by the task collections
-
-    def _track(self, tasks: TrackedBackgroundTasks, handle: TaskHandle) -> None:
-        self._live[handle.task_id] = (handle, tasks)
-
-    def _settle(self, handle: TaskHandle) -> None:
-        self._live.pop(handle.task_id, None)
-        self._counts[handle.status] += 1
-        if self.history_size:
-            history = self._history
-            history[handle.task_id] = handle
-            if len(history) > self.history_size:
-                history.popitem(last=False)
-            self._expire(time.perf_counter())
-        if self._idle is not None and not self._live:
-            self._idle.set()
-
-    def _expire(self, now: float) -> None:
-        """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
-        if self.history_ttl is None:
-            return
-        deadline = now - self.history_ttl
-        history = self._history
-        while history:
-            # Handles enter the history as they finish, so the oldest is first.
-            oldest = next(iter(history.values()))
-            if cast(float, oldest._finished_mono) >= deadline:
-                break
-            history.popitem(last=False)
-
-    @contextmanager
-    def _cancel_scope(self, tasks: TrackedBackgroundTasks) -> Iterator[None]:
-        with anyio.CancelScope() as scope:
-            self._scopes[tasks] = scope
-            try:
-                yield
-            finally:
-                del self._scopes[tasks]
-                # The collection has run: its frames are over. A failed handle
-                # keeps its exception and traceback, but the history must not
-                # keep the request's arguments alive through the frames' locals.
-                for handle in tasks.handles:
-                    if handle.error is not None:
-                        traceback.clear_frames(handle.error.__traceback__)
+            await run.cancel(reason)
 
 
 def _is_count(value: object, minimum: int) -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "task_abandoned",
     "task_completed",
     "task_failed",
+    "task_retrying",
     "task_started",
 ]
 
@@ -43,5 +44,13 @@ task_abandoned = namespace.signal(
     doc=(
         "Sent when a task will never run or finish (dropped, cancelled or cut"
         " off at shutdown); adds ``reason``, a sentence saying why."
+    ),
+)
+task_retrying = namespace.signal(
+    "task-retrying",
+    doc=(
+        "Sent before each wait between two attempts of a task with ``attempts=``"
+        " (see `fastapi_bgplus.task`); adds ``attempt`` (the attempt that failed,"
+        " from 1), ``error`` and ``wait_s``."
     ),
 )

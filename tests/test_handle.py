@@ -85,6 +85,7 @@ def test_status_is_a_str_enum() -> None:
         "done",
         "failed",
         "cancelled",
+        "lost",
     ]
     status: TaskStatus = TaskStatus("done")
     assert status == "done"
@@ -231,7 +232,9 @@ def assert_summary(summary: dict[str, Any], handle: TaskHandle) -> str:
         "finished_at",
         "duration_s",
         "error",
+        "attempts",
     }
+    assert summary["attempts"] == handle.attempts
     assert summary["task_id"] == handle.task_id
     assert summary["name"] == handle.name
     assert summary["status"] == handle.status.value

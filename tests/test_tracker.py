@@ -329,7 +329,7 @@ async def test_a_history_of_zero_keeps_only_live_tasks() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("ttl", [60.0, None])
 async def test_expired_handles_are_gone(ttl: float | None) -> None:
-    """`_expire(now)` takes the clock reading, so no test waits for an hour."""
+    """`expire(now)` takes the clock reading, so no test waits for an hour."""
     tracker = TaskTracker(history_ttl=ttl)
     async with tracker.lifespan(None) as state:
         older = await run_tasks(state, 2)
@@ -337,10 +337,10 @@ async def test_expired_handles_are_gone(ttl: float | None) -> None:
     older_end = max(h._finished_mono or 0.0 for h in older)
     newer_end = newer[0]._finished_mono or 0.0
     assert older_end <= newer_end
-    tracker._expire(older_end + 59.0)
+    tracker._ledger.expire(older_end + 59.0)
     assert all(tracker.get(h.task_id) is h for h in older + newer)
     # Expired at a time past the older ones' age, not yet past the newer one's.
-    tracker._expire(max(older_end + 60.5, newer_end + 59.0))
+    tracker._ledger.expire(max(older_end + 60.5, newer_end + 59.0))
     if ttl is None:
         assert all(tracker.get(h.task_id) is h for h in older + newer)
     else:

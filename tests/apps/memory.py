@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 
 from fastapi_bgplus import TaskHandle, TaskTracker, TrackedBackgroundTasks
-from fastapi_bgplus._tracker import tracker_of
 
 
 @asynccontextmanager
@@ -26,8 +25,7 @@ async def request_tasks(state: Mapping[str, Any]) -> AsyncIterator[TrackedBackgr
     """A collection bound, as FastAPI's provider binds a request's, to the
     tracker in the lifespan `state`; leaving the block runs it, as the end of
     the request does. (Requests through FastAPI itself: tests/test_tracker.py.)"""
-    tasks = TrackedBackgroundTasks()
-    tasks._tracker = tracker_of({"type": "http", "state": dict(state)})
+    tasks = TrackedBackgroundTasks.for_request({"type": "http", "state": dict(state)})
     yield tasks
     await tasks.run()
 
@@ -82,7 +80,7 @@ async def per_task(count: int = 10_000) -> tuple[float, float]:
                 queued.append(tracemalloc.get_traced_memory()[0])
 
         finished = await retained_bytes(queue_then_run)
-        assert len(tracker._history) == count
+        assert f"history={count}>" in repr(tracker)
     return queued[0] / count, finished / count
 
 

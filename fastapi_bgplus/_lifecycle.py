@@ -1,0 +1,260 @@
+"""The one place a task's fate is reported.
+
+Every runner (the in-request loop, a detached run, a taskiq worker) calls
+these functions at each transition; each of them updates the handle, tells
+the observers (tracker, store, tracing), writes the log line and sends the
+blinker signal, in that order. A new observer is a `TaskObserver`; a new
+runner calls these and touches nothing else.
+
+The transitions on the hot path (`started`, `completed`) are plain functions
+that return the signal still to be delivered, or `None` when nobody listens:
+an extra coroutine per transition would cost more than the task itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from blinker import Signal
+
+from ._handle import DONE, TaskHandle, TaskStatus, mark_finished, mark_started
+from ._signals import send
+from .signals import task_abandoned, task_completed, task_failed, task_retrying, task_started
+
+__all__ = [
+    "Cancellable",
+    "TaskObserver",
+    "abandoned",
+    "abandoned_now",
+    "completed",
+    "failed",
+    "queued",
+    "retrying",
+    "started",
+]
+
+logger = logging.getLogger("fastapi_bgplus")
+
+
+class Cancellable(Protocol):
+    """Something running tasks that can be cut off (a collection, a detached run)."""
+
+    async def cancel(self, reason: str) -> None:
+        """End every unfinished task as cancelled, with `reason`."""
+
+
+class TaskObserver(Protocol):
+    """Hears every transition of the tasks it is bound to.
+
+    Called synchronously on the event loop, in the order of the transitions;
+    it must be quick (no I/O: buffer it) and must not raise.
+    """
+
+    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
+        """A task was queued; `run` can cut it off."""
+
+    def task_started(self, handle: TaskHandle) -> None:
+        """An attempt of the task began (``handle.attempts`` counts them)."""
+
+    def task_ended(self, handle: TaskHandle) -> None:
+        """The task reached its end state (``handle.status``)."""
+
+
+Observers = Sequence[TaskObserver]
+
+
+def queued(observers: Observers, handle: TaskHandle, run: Cancellable) -> None:
+    for observer in observers:
+        observer.task_queued(handle, run)
+
+
+def started(
+    sender: Any, observers: Observers, handle: TaskHandle, func: Callable[..., Any]
+) -> Awaitable[None] | None:
+    mark_started(handle)
+    for observer in observers:
+        observer.task_started(handle)
+    if not task_started.receivers:
+        return None
+    return send(task_started, sender, handle=handle, task_id=handle.task_id, func=func)
+
+
+def completed(
+    sender: Any, observers: Observers, handle: TaskHandle, func: Callable[..., Any]
+) -> Awaitable[None] | None:
+    mark_finished(handle, DONE)
+    for observer in observers:
+        observer.task_ended(handle)
+    if not task_completed.receivers:
+        return None
+    return send(
+        task_completed,
+        sender,
+        handle=handle,
+        task_id=handle.task_id,
+        func=func,
+        duration_s=handle.duration_s,
+    )
+
+
+async def failed(
+    sender: Any,
+    observers: Observers,
+    handle: TaskHandle,
+    func: Callable[..., Any],
+    error: BaseException,
+) -> None:
+    mark_finished(handle, TaskStatus.FAILED, error)
+    # Never the arguments: they carry addresses, tokens and other personal data.
+    logger.error(
+        "Background task %s (%s) failed after %d attempt(s)",
+        handle.task_id,
+        handle.name,
+        handle.attempts,
+        exc_info=error,
+    )
+    for observer in observers:
+        observer.task_ended(handle)
+    if task_failed.receivers:
+        await send(
+            task_failed,
+            sender,
+            handle=handle,
+            task_id=handle.task_id,
+            func=func,
+            duration_s=handle.duration_s,
+            error=error,
+        )
+
+
+async def retrying(
+    sender: Any,
+    handle: TaskHandle,
+    func: Callable[..., Any],
+    error: BaseException,
+    wait_s: float,
+) -> None:
+    logger.warning(
+        "Background task %s (%s) raised %s on attempt %d; retrying in %.2f s",
+        handle.task_id,
+        handle.name,
+        type(error).__name__,
+        handle.attempts,
+        wait_s,
+    )
+    if task_retrying.receivers:
+        await send(
+            task_retrying,
+            sender,
+            handle=handle,
+            task_id=handle.task_id,
+            func=func,
+            attempt=handle.attempts,
+            error=error,
+            wait_s=wait_s,
+        )
+
+
+def _abandon(sender: Any, observers: Observers, handle: TaskHandle, reason: str) -> None:
+    mark_finished(handle, TaskStatus.CANCELLED)
+    logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
+    for observer in observers:
+        observer.task_ended(handle)
+
+
+async def abandoned(
+    sender: Any,
+    observers: Observers,
+    handle: TaskHandle,
+    func: Callable[..., Any],
+    reason: str,
+) -> None:
+    _abandon(sender, observers, handle, reason)
+    if task_abandoned.receivers:
+        await send(
+            task_abandoned,
+            sender,
+            handle=handle,
+            task_id=handle.task_id,
+            func=func,
+            reason=reason,
+        )
+
+
+def abandoned_now(
+    sender: Any,
+    observers: Observers,
+    handle: TaskHandle,
+    func: Callable[..., Any],
+    reason: str,
+) -> None:
+    """`abandoned`, from synchronous code (`add_task` on a closed collection).
+
+    Sync receivers are called at once; async ones are started in the
+    background of the running event loop (see `_spawn`).
+    """
+    _abandon(sender, observers, handle, reason)
+    if task_abandoned.receivers:
+        _send_now(
+            task_abandoned,
+            sender,
+            handle=handle,
+            task_id=handle.task_id,
+            func=func,
+            reason=reason,
+        )
+
+
+def _send_now(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    for receiver in signal.receivers_for(sender):
+        try:
+            result = receiver(sender, **kwargs)
+            if inspect.isawaitable(result):
+                _spawn(result)
+        except Exception:
+            logger.exception(
+                "Receiver %s of signal %r raised; it was skipped",
+                getattr(receiver, "__qualname__", repr(receiver)),
+                getattr(signal, "name", signal),
+            )
+
+
+_background: set[Any] = set()  # strong references to running asyncio tasks
+
+
+def _spawn(awaitable: Awaitable[Any]) -> None:
+    """Await `awaitable` in a task of its own on the running event loop."""
+    import sniffio
+
+    async def deliver() -> None:
+        try:
+            await awaitable
+        except Exception:
+            logger.exception("An async signal receiver raised; it was skipped")
+
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        # A worker thread (a `def` dependency's exit code): hop to the loop.
+        import anyio.from_thread
+
+        try:
+            anyio.from_thread.run_sync(_spawn, awaitable)
+        except RuntimeError:  # a thread foreign to every event loop
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            logger.warning("An async signal receiver was skipped: no event loop to run it on")
+        return
+    if library == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(deliver)
+    else:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
