@@ -44,12 +44,14 @@ def _check_task_callable(func: Any) -> None:
         return
     if inspect.isawaitable(func):
         name = getattr(func, "__qualname__", type(func).__qualname__)
+        kind = "an awaitable"
         if inspect.iscoroutine(func):
             # Never awaited now; closing it spares the user a second,
             # confusing "coroutine was never awaited" warning.
             func.close()
+            kind = "a coroutine object"  # the words of Python's own warning
         raise TypeError(
-            f"add_task() got an awaitable ({name}(...)) instead of a function;"
+            f"add_task() got {kind} ({name}(...)) instead of a function;"
             f" pass the function and its arguments instead:"
             f" add_task({name}, *args, **kwargs)"
         )

@@ -75,7 +75,11 @@ REFUSED: dict[str, tuple[Callable[[], Any], str]] = {
     "an int": (lambda: 42, "expects a function or other callable, got 'int'"),
     "a string": (lambda: "send_email", "expects a function or other callable, got 'str'"),
     "a dict": (lambda: {"func": send_email}, "got 'dict'"),
-    "a coroutine object": (lambda: send_email("a@example.com"), "add_task(send_email, "),
+    "a coroutine object": (
+        lambda: send_email("a@example.com"),
+        "got a coroutine object (send_email(...)) instead of a function; pass the function"
+        " and its arguments instead: add_task(send_email, ",
+    ),
     "an awaitable object": (BareAwaitable, "got an awaitable"),
     "an async generator function": (lambda: agen, "generator function (tests.test_hostile.agen)"),
     "a generator function": (lambda: gen, "generator function (tests.test_hostile.gen)"),

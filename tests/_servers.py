@@ -1,0 +1,124 @@
+"""Real servers in a subprocess, for the shutdown tests (`test_server.py`,
+`test_hypercorn.py`).
+
+Each serves `tests.apps.shutdown:app` on a free 127.0.0.1 port, answers once
+its context is entered (or fails with the server's own output), and is killed
+on the way out if still running. The process runs in a session of its own, so
+that a server with worker processes (hypercorn) is killed whole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+
+REPO = Path(__file__).parent.parent
+STARTUP_DEADLINE_S = 20.0
+EXIT_DEADLINE_S = 20.0
+APP = "tests.apps.shutdown:app"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log = log
+
+    def terminate(self) -> str:
+        """Send SIGTERM, wait (bounded) for the process to end, return its output."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=EXIT_DEADLINE_S)
+        return self.log.read_text()
+
+
+@contextmanager
+def serve(tmp_path: Path, command: list[str], url: str) -> Iterator[Server]:
+    """Run `command` (a server listening at `url`) with the markers directory
+    of `tmp_path` in its environment, until it answers ``GET /health``."""
+    log = tmp_path / "server.log"
+    (tmp_path / "markers").mkdir()
+    env = {**os.environ, "BGPLUS_MARKERS": str(tmp_path / "markers")}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        while True:  # poll until it answers, for a bounded time
+            try:
+                httpx2.get(f"{url}/health", timeout=1.0).raise_for_status()
+                break
+            except httpx2.TransportError:
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        yield Server(process, url, log)
+    finally:
+        if process.poll() is None:
+            # Its own session: the group is this server and its workers only.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextmanager
+def uvicorn(tmp_path: Path, *args: str) -> Iterator[Server]:
+    """uvicorn serving the shutdown app, with `args` added to its command line."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--no-access-log", *args]
+    with serve(tmp_path, command, f"http://127.0.0.1:{port}") as server:
+        yield server
+
+
+@contextmanager
+def hypercorn(tmp_path: Path, *args: str) -> Iterator[Server]:
+    """hypercorn serving the shutdown app, with `args` added to its command line.
+
+    With its default of one worker, hypercorn serves from a child process; the
+    SIGTERM sent to the parent reaches the worker as a shutdown event."""
+    port = free_port()
+    command = [sys.executable, "-m", "hypercorn", APP, "--bind", f"127.0.0.1:{port}", *args]
+    with serve(tmp_path, command, f"http://127.0.0.1:{port}") as server:
+        yield server
+
+
+def queue(server: Server, names: list[str], seconds: float) -> dict[str, dict[str, str]]:
+    """Queue an async and a sync task per name (the sync one first for the
+    second name); return their ids by name, then by function."""
+    ids = {}
+    with httpx2.Client(base_url=server.url) as client:
+        for index, name in enumerate(names):
+            params: dict[str, str | float | bool] = {
+                "name": name,
+                "seconds": seconds,
+                "sync_first": index == 1,
+            }
+            response = client.post("/queue", params=params)
+            response.raise_for_status()
+            ids[name] = response.json()
+    return ids
+
+
+def markers(tmp_path: Path) -> set[str]:
+    return {path.name for path in (tmp_path / "markers").iterdir()}
