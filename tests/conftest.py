@@ -3,10 +3,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import fastapi
 import pytest
 from blinker import ANY, Signal
 
 from fastapi_bgplus import signals
+
+FASTAPI = tuple(int(part) for part in fastapi.__version__.split(".")[:3])
+"""The installed FastAPI's version, e.g. ``(0, 128, 2)``, for `skipif` on older
+ones; scripts/matrix runs the suite on them."""
 
 
 @pytest.fixture(params=["asyncio", "trio"])
