@@ -15,6 +15,7 @@ import anyio
 import anyio.lowlevel
 import httpx2
 import pytest
+from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.testclient import TestClient
@@ -416,6 +417,64 @@ def test_a_yield_dependency_is_still_open_while_the_tasks_run(
         "sync task: session open=True",
     ]
     assert [session.open for session in app.state.sessions] == [False, False]
+
+
+@pytest.mark.parametrize("tasks_first", [True, False], ids=["tasks-then-db", "db-then-tasks"])
+def test_a_yield_dependency_is_as_open_for_the_tasks_as_for_fastapi_s_own(
+    tasks_first: bool, call: Call
+) -> None:
+    """Point 8 on every FastAPI: open from 0.118 on, closed before (README)."""
+    app = FastAPI()
+    app.state.sessions = []
+    log: list[str] = []
+
+    if tasks_first:
+
+        @app.post("/ours")
+        async def ours(tasks: BackgroundTasks, db: Db) -> None:
+            tasks.add_task(check_open, log, db)
+
+    else:
+
+        @app.post("/ours")
+        async def ours_db_first(db: Db, tasks: BackgroundTasks) -> None:
+            tasks.add_task(check_open, log, db)
+
+    @app.post("/fastapi")
+    async def theirs(tasks: FastAPIBackgroundTasks, db: Db) -> None:
+        tasks.add_task(check_open, log, db)
+
+    assert call(app, "POST", "/ours").status_code == 200
+    assert call(app, "POST", "/fastapi").status_code == 200
+    assert log[0] == log[1] == f"sync task: session open={FASTAPI >= (0, 118)}"
+
+
+@pytest.mark.skipif(
+    FASTAPI >= (0, 118),
+    reason="states what the README says of FastAPI < 0.118; on newer versions the injected"
+    " tasks run (test_a_returned_response_background_runs_first_then_the_injected_tasks)",
+)
+def test_before_fastapi_0_118_a_response_background_leaves_the_injected_tasks_to_the_drain(
+    anyio_backend: Literal["asyncio", "trio"], caplog: pytest.LogCaptureFixture
+) -> None:
+    from starlette.background import BackgroundTask
+
+    tracker = TaskTracker(drain_timeout=0.01)
+    app = FastAPI(lifespan=tracker.lifespan)
+    log: list[str] = []
+    handles: list[TaskHandle] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> Response:
+        handles.append(tasks.add_task(record, log, "injected"))
+        return PlainTextResponse("ok", background=BackgroundTask(record, log, "own"))
+
+    with TestClient(app, backend=anyio_backend) as client:
+        assert client.post("/").text == "ok"
+        assert log == ["own"]
+        assert handles[0].status == "pending"
+    assert handles[0].status == "cancelled"
+    assert handles[0].task_id in caplog.text
 
 
 @pytest.mark.skipif(
