@@ -678,9 +678,10 @@ class Secret:
 
 @pytest.mark.xfail(
     sys.version_info >= (3, 12),
-    reason="found by scripts/matrix, not fixed yet: on Python >= 3.12 the frames of"
-    " TrackedBackgroundTasks.run and its caller still hold the collection, and so the"
-    " failed task's arguments, after the tracker cleared the traceback's frames",
+    reason="found by scripts/matrix, not fixed yet: on Python >= 3.12 a finished frame"
+    " keeps f_back, so error.__traceback__ -> _run_tasks frame -> f_back -> the run frame"
+    " (self: the collection, holding the task's arguments); traceback.clear_frames clears"
+    " only the traceback's own frames",
     strict=True,
 )
 @pytest.mark.anyio
