@@ -23,18 +23,16 @@ from starlette.background import BackgroundTask
 
 from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, signals
 
-from .conftest import Sent
-from .test_fastapi import Call, call  # noqa: F401  (the fixture)
+from .conftest import Call, Sent
 
 late: list[TaskHandle] = []
 ran: list[str] = []
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Iterator[None]:
+def _reset() -> None:
     late.clear()
     ran.clear()
-    yield
 
 
 async def alert_ops(what: str) -> None:
@@ -81,12 +79,15 @@ def assert_ended_loudly(
     assert handle.status == "cancelled"
     assert handle.finished_at is not None
     assert handle.started_at is None
-    (abandoned,) = [e for e in sent if e.signal == "task_abandoned" and e.kwargs["handle"] is handle]
+    (abandoned,) = [
+        e for e in sent if e.signal == "task_abandoned" and e.kwargs["handle"] is handle
+    ]
     assert words in abandoned.kwargs["reason"]
     (warning,) = warnings_about(caplog, handle)
     assert handle.name in warning
     assert words in warning
-    assert "rolled back" not in ran and "after yield" not in ran
+    assert "rolled back" not in ran
+    assert "after yield" not in ran
 
 
 @pytest.mark.parametrize("status", [500, 404])
