@@ -9,6 +9,7 @@ own outcome; a tracker never waits for it. Through `TestClient` and httpx's
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from fastapi.responses import PlainTextResponse
 from fastapi.testclient import TestClient
 from starlette.background import BackgroundTask
 
-from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, signals
+from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, TrackedBackgroundTasks, signals
 
 from .conftest import Call, Sent
 
@@ -237,3 +238,48 @@ def test_a_hand_built_collection_still_refuses_tasks_once_it_ran() -> None:
     anyio.run(main)
     with pytest.raises(RuntimeError, match="already started running"):
         tasks.add_task(alert_ops, "too late")
+
+
+def test_a_sync_receiver_that_raises_is_skipped_for_a_late_abandon(
+    call: Call, connect: Any, sent: list[Sent], caplog: pytest.LogCaptureFixture
+) -> None:
+    def raises(sender: Any, **kw: Any) -> None:
+        raise RuntimeError("a broken receiver")
+
+    connect(signals.task_abandoned, raises)
+    app = FastAPI()
+
+    @app.get("/", dependencies=[Depends(audit_after)])
+    async def endpoint() -> None:
+        pass
+
+    assert call(app, "GET", "/").status_code == 200
+    (handle,) = late
+    assert [e.kwargs["handle"] for e in sent] == [handle]
+    assert any("raised; it was skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_late_task_from_a_foreign_thread_is_still_reported(
+    connect: Any, sent: list[Sent], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread no event loop knows (one the app started itself) cannot run
+    an async receiver: the others still hear it, and a WARNING says so."""
+
+    async def never(sender: Any, **kw: Any) -> None:
+        raise AssertionError("no loop to run it on")  # pragma: no cover
+
+    connect(signals.task_abandoned, never)
+    tasks = TrackedBackgroundTasks.for_request({"type": "http", "app": "the app"})
+
+    async def end() -> None:
+        await tasks.end_request(None)
+
+    anyio.run(end)
+    assert tasks.app == "the app"
+    thread = threading.Thread(target=lambda: late.append(tasks.add_task(alert_ops, "late")))
+    thread.start()
+    thread.join()
+    (handle,) = late
+    assert handle.status == "cancelled"
+    assert [(e.sender, e.kwargs["handle"]) for e in sent] == [("the app", handle)]
+    assert any("no event loop to run it on" in r.getMessage() for r in caplog.records)
