@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 import anyio
 import anyio.to_thread
-import sniffio
 from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
@@ -30,6 +29,8 @@ P = ParamSpec("P")
 
 
 _GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+_COROUTINE = inspect.CO_COROUTINE
+_new_task = object.__new__
 
 
 def _check_task_callable(func: Any) -> None:
@@ -96,16 +97,23 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             a handle of its own in `handles`.
     """
 
+    # Defaults on the class: a collection is built per request, and most of
+    # these never change from them.
+    _report: Reporter = UNBOUND
+    _runners: dict[int, TaskRunner] | None = None  # by index, for special tasks
+    _started = False
+    _accepting = True  # neither started nor closed
+    _closed: str | None = None  # why later tasks cannot run, once closed
+    _cancel_reason: str | None = None
+    _host: Any = None  # what `cancel()` cancels while it runs
+    _trio = False  # whether it runs on trio, for `cancel()`
+
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
         self.tasks: list[BackgroundTask] = []
         self.handles: list[TaskHandle] = []
-        self._report: Reporter = UNBOUND
-        self._runners: dict[int, TaskRunner] | None = None  # by index, for special tasks
-        self._started = False
-        self._closed: str | None = None  # why later tasks cannot run, once closed
-        self._cancel_reason: str | None = None
-        self._host: Any = None  # what `cancel()` cancels while it runs
-        for task in tasks or ():
+        if not tasks:
+            return
+        for task in tasks:
             if not isinstance(task, BackgroundTask):
                 raise TypeError(
                     f"BackgroundTasks(tasks=...) takes starlette BackgroundTask"
@@ -124,10 +132,14 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """A collection for this request's application: its signals are sent
         with the app as sender, and the app's `TaskTracker` (if its lifespan
         runs) tracks its tasks. The FastAPI provider builds them this way."""
-        scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+        scope = connection if type(connection) is dict else connection.scope  # type: ignore[union-attr]
         tasks = cls()
         tracker = tracker_of(scope)
-        tasks._report = Reporter(scope.get("app"), tracker.observers if tracker else ())
+        if tracker is None:
+            tasks._report = Reporter(scope.get("app"))
+        else:
+            tasks._report = tracker.reporter(scope.get("app"))
+            tasks._trio = tracker.on_trio
         return tasks
 
     @property
@@ -151,6 +163,29 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         abandoned), the handle returned has already ended ``cancelled``,
         with a `task_abandoned` signal and a WARNING that say why.
         """
+        if self._accepting and type(func) is FunctionType:
+            # The common case, in one screen: a plain function on an open
+            # collection. BackgroundTask(func, ...) is built without its
+            # general (and, per task, costly) check for an async callable.
+            flags = func.__code__.co_flags
+            if not flags & _GENERATOR_FLAGS:
+                # Starlette types its fields with its own ParamSpec: as Any.
+                loose_args: Any = args
+                loose_kwargs: Any = kwargs
+                task = _new_task(BackgroundTask)
+                task.func = func
+                task.args = loose_args
+                task.kwargs = loose_kwargs
+                task.is_async = bool(flags & _COROUTINE)
+                module = func.__module__
+                handle = TaskHandle(
+                    f"{module}.{func.__qualname__}" if module else callable_name(func)
+                )
+                self.tasks.append(task)
+                self.handles.append(handle)
+                if self._report.observers:
+                    self._report.queued(handle, self)
+                return handle
         _check_task_callable(func)
         if self._closed is not None:
             handle = TaskHandle(callable_name(func))
@@ -192,10 +227,30 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 " collection runs once; build a new BackgroundTasks() for more work"
             )
         self._started = True
+        self._accepting = False
         if not self._report.observers:
             await self._run_tasks()  # nothing can cut it off: no need to prepare for it
+        elif self._trio:
+            await _run_in_trio_scope(self)
         else:
-            await _run_cancellable(self)
+            # Not an anyio `CancelScope`: on asyncio, creating and entering one
+            # costs more than the rest of a request's tracking together. The
+            # host task is recorded instead, and cancelled only if the drain
+            # has to (`cancel()`), which takes back its own cancellation here.
+            self._host = host = asyncio.current_task()
+            try:
+                await self._run_tasks()
+            except asyncio.CancelledError:
+                if self._cancel_reason is None:
+                    raise  # not ours
+                uncancel = getattr(host, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None and uncancel():
+                    raise  # cancelled by someone else as well
+            finally:
+                self._host = None
+                for handle in self.handles:
+                    if handle.error is not None:
+                        _forget_arguments(handle.error)
 
     # `await tasks()` is `await tasks.run()`, without a coroutine in between.
     __call__ = run
@@ -223,6 +278,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     def _close(self, reason: str) -> None:
         self._closed = reason
+        self._accepting = False
 
     async def cancel(self, reason: str) -> None:
         """Cut the collection off: every unfinished task ends ``cancelled`` with
@@ -292,47 +348,26 @@ _CANCELLED = (
 )
 
 
-async def _run_cancellable(tasks: TrackedBackgroundTasks) -> None:
-    """Run `tasks` so that `tasks.cancel()` can cut it off.
+async def _run_in_trio_scope(tasks: TrackedBackgroundTasks) -> None:
+    """`run()` on trio, where a native cancel scope is cheap."""
+    import trio
 
-    Not an anyio `CancelScope`: on asyncio, creating and entering one costs
-    more than the rest of a request's tracking together. The host task is
-    recorded instead and cancelled natively, only if the drain has to; on
-    trio, its own cancel scope is as cheap.
-    """
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        with trio.CancelScope() as scope:
-            tasks._host = scope
-            try:
-                await tasks._run_tasks()
-            finally:
-                tasks._host = None
-                _forget_arguments(tasks.handles)
-        return
-    task = asyncio.current_task()
-    tasks._host = task
-    try:
-        await tasks._run_tasks()
-    except asyncio.CancelledError:
-        if tasks._cancel_reason is None:
-            raise  # not ours
-        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
-        if uncancel is not None and uncancel():
-            raise  # cancelled by someone else as well
-    finally:
-        tasks._host = None
-        _forget_arguments(tasks.handles)
+    with trio.CancelScope() as scope:
+        tasks._host = scope
+        try:
+            await tasks._run_tasks()
+        finally:
+            tasks._host = None
+            for handle in tasks.handles:
+                if handle.error is not None:
+                    _forget_arguments(handle.error)
 
 
-def _forget_arguments(handles: list[TaskHandle]) -> None:
+def _forget_arguments(error: BaseException) -> None:
     """A tracked collection has run: a failed handle keeps its exception and
     traceback, but the tracker's history must not keep the request's
     arguments alive through the frames' locals."""
-    for handle in handles:
-        if handle.error is not None:
-            traceback.clear_frames(handle.error.__traceback__)
+    traceback.clear_frames(error.__traceback__)
 
 
 class TaskRunner(Protocol):

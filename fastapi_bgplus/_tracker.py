@@ -9,10 +9,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import sniffio
 from starlette.types import Scope
 
 from ._handle import TaskHandle, TaskStatus, finished_mono
-from ._lifecycle import Cancellable, TaskObserver
+from ._lifecycle import Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ class _Ledger:
         self.history_ttl = history_ttl
         self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
         self.history: OrderedDict[str, TaskHandle] = OrderedDict()
-        self.counts = dict.fromkeys(_END_STATES, 0)
+        self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
+        self.next_expiry = math.inf  # when the oldest handle in the history expires
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
         self.live[handle.task_id] = (handle, run)
@@ -59,13 +61,22 @@ class _Ledger:
 
     def task_ended(self, handle: TaskHandle) -> None:
         self.live.pop(handle.task_id, None)
-        self.counts[handle.status] += 1
+        status = handle.status  # by identity: hashing an enum member is slow
+        if status is DONE:
+            self.done += 1
+        elif status is FAILED:
+            self.failed += 1
+        else:
+            self.abandoned += 1
         if self.history_size:
             history = self.history
             history[handle.task_id] = handle
             if len(history) > self.history_size:
                 history.popitem(last=False)
-            self.expire(time.perf_counter())
+                self.next_expiry = -math.inf  # the oldest changed: look again
+            now = time.perf_counter()
+            if now >= self.next_expiry:
+                self.expire(now)
         if self.idle is not None and not self.live:
             self.idle.set()
 
@@ -78,19 +89,24 @@ class _Ledger:
 
     def expire(self, now: float) -> None:
         """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
-        if self.history_ttl is None:
-            return
-        deadline = now - self.history_ttl
         history = self.history
+        ttl = self.history_ttl
+        if ttl is None:
+            self.next_expiry = math.inf
+            return
         while history:
             # Handles enter the history as they finish, so the oldest is first.
-            oldest = next(iter(history.values()))
-            if finished_mono(oldest) >= deadline:  # type: ignore[operator]
-                break
+            oldest = finished_mono(next(iter(history.values())))
+            assert oldest is not None
+            if oldest + ttl > now:
+                self.next_expiry = oldest + ttl
+                return
             history.popitem(last=False)
+        self.next_expiry = -math.inf  # empty: the next handle sets it
 
 
-_END_STATES = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
+DONE = TaskStatus.DONE
+FAILED = TaskStatus.FAILED
 
 
 class TaskTracker:
@@ -147,6 +163,8 @@ class TaskTracker:
         self.thread_limit = thread_limit
         self._ledger = _Ledger(history_size, history_ttl)
         self._serving = False
+        self._on_trio = False
+        self._reporter: Reporter | None = None
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -161,6 +179,19 @@ class TaskTracker:
     def history_ttl(self) -> float | None:
         """Seconds a finished handle is kept for `get()`; `None`: no limit."""
         return self._ledger.history_ttl
+
+    @property
+    def on_trio(self) -> bool:
+        """Whether the application it serves runs on trio (else asyncio)."""
+        return self._on_trio
+
+    def reporter(self, app: Any) -> Reporter:
+        """The `Reporter` of `app`'s tasks, to this tracker's observers (one
+        per app, kept: every request of the app shares it)."""
+        reporter = self._reporter
+        if reporter is None or reporter.sender is not app:
+            reporter = self._reporter = Reporter(app, self.observers)
+        return reporter
 
     @property
     def observers(self) -> tuple[TaskObserver, ...]:
@@ -241,7 +272,8 @@ class TaskTracker:
     @asynccontextmanager
     async def _draining(self) -> AsyncIterator[None]:
         ledger = self._ledger
-        ledger.counts = dict.fromkeys(_END_STATES, 0)
+        ledger.done = ledger.failed = ledger.abandoned = 0
+        self._on_trio = sniffio.current_async_library() == "trio"
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         try:
@@ -265,16 +297,15 @@ class TaskTracker:
             await self._cut_off(
                 f"the application shut down and drain_timeout ({self.drain_timeout} s) ran out"
             )
-        counts = ledger.counts
         logger.log(
-            logging.WARNING if counts[TaskStatus.CANCELLED] else logging.INFO,
+            logging.WARNING if ledger.abandoned else logging.INFO,
             "Background tasks drained in %.2f s (%d in flight at shutdown);"
             " since startup: %d done, %d failed, %d abandoned",
             time.perf_counter() - started,
             in_flight,
-            counts[TaskStatus.DONE],
-            counts[TaskStatus.FAILED],
-            counts[TaskStatus.CANCELLED],
+            ledger.done,
+            ledger.failed,
+            ledger.abandoned,
         )
 
     async def _wait_idle(self, seconds: float) -> None:
