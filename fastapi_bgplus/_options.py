@@ -84,6 +84,8 @@ class TaskFunction(Generic[P, R]):
     """A task function with options (see `task`); calling it calls the function."""
 
     __wrapped__: Callable[P, R]
+    __name__: str  # copied from the function, as functools.wraps does
+    __qualname__: str
 
     def __init__(
         self,
