@@ -415,3 +415,30 @@ async def test_callable_objects_and_partials_may_carry_options() -> None:
     assert handle.attempts == 2
     assert other.status == "done"
     assert flaky.calls == ["https://example.com/hook"] * 2 + ["partial"]
+
+
+@pytest.mark.parametrize("outcome", ["raises", "returns"])
+async def test_a_task_reported_lost_while_running_is_not_reported_again(
+    outcome: str, sent: list[Sent]
+) -> None:
+    """A collection cut off while a task runs reports it lost at once (a task
+    may swallow its cancellation); however that task ends later, that stands."""
+    started = anyio.Event()
+    release = anyio.Event()
+
+    @task(timeout=30.0)
+    async def deliver(url: str) -> None:
+        started.set()
+        await release.wait()
+        if outcome == "raises":
+            raise ConnectionError(url)
+
+    tasks = TrackedBackgroundTasks()
+    handle = tasks.add_task(deliver, "https://example.com/hook")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tasks.run)
+        await started.wait()
+        await tasks.cancel("the test cut it off")
+        release.set()
+    assert handle.status == "cancelled"
+    assert [s.signal for s in sent] == ["task_started", "task_abandoned"]
