@@ -36,11 +36,13 @@ def write_audit(entry: str, level: int) -> None: ...
 
 
 @task(timeout=10.0, attempts=3, retry_on=(ConnectionError, TimeoutError))
-async def deliver_webhook(url: str, *, retries_left: int = 3) -> bool: ...
+async def deliver_webhook(url: str, *, retries_left: int = 3) -> bool:
+    return True
 
 
 @task(timeout=5)
-def render_report(report_id: int) -> str: ...
+def render_report(report_id: int) -> str:
+    return str(report_id)
 
 
 @task(retry_on=ConnectionError, attempts=2)
