@@ -4,7 +4,7 @@ import asyncio
 import functools
 import inspect
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
@@ -96,6 +96,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             a handle of its own in `handles`.
     """
 
+    # Set by `for_request` in detached mode: hands the run to the tracker.
+    _spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
+
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
         self.tasks: list[BackgroundTask] = []
         self.handles: list[TaskHandle] = []
@@ -127,7 +130,12 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         scope = connection.scope if isinstance(connection, HTTPConnection) else connection
         tasks = cls()
         tracker = tracker_of(scope)
-        tasks._report = Reporter(scope.get("app"), tracker.observers if tracker else ())
+        if tracker is not None:
+            tasks._report = Reporter(scope.get("app"), tracker.observers)
+            if tracker.detach:
+                tasks._spawn = tracker.spawn
+        else:
+            tasks._report = Reporter(scope.get("app"))
         return tasks
 
     @property
@@ -207,12 +215,21 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """Settle the collection at the end of its request, and close it.
 
         If the request succeeded, its tasks run now (unless they already ran,
-        as a response's background); if it failed with `error`, each ends
+        as a response's background), or in detached mode
+        (``TaskTracker(detach=True)``) start in the tracker's task group and
+        this returns at once; if it failed with `error`, each ends
         ``cancelled``. Either way the collection is closed: a task added to it
         later ends ``cancelled`` at once, loudly, and is never left pending.
         """
         if error is None:
             if not self._started:
+                spawn = self._spawn
+                if spawn is not None and spawn(self.run):
+                    self._close(
+                        "it was queued after the request's background tasks had been"
+                        " handed to the TaskTracker to run detached (detach=True)"
+                    )
+                    return
                 await self.run()
             self._close("it was queued after the request's background tasks had run")
         else:
