@@ -18,7 +18,7 @@ from starlette.background import BackgroundTask
 
 from ._handle import RUNNING, TaskHandle, callable_name
 from ._lifecycle import Reporter
-from ._tasks import run_sync
+from ._tasks import call
 
 if TYPE_CHECKING:
     from ._tasks import TaskRunner
@@ -75,7 +75,8 @@ def task(
     _check_attempts(attempts, retry_types)
 
     def decorate(func: Callable[P, R]) -> TaskFunction[P, R]:
-        return TaskFunction(func, timeout=timeout, attempts=attempts, retry_on=retry_types)
+        kind = _AsyncTaskFunction if _check_function(func) else TaskFunction
+        return kind(func, timeout=timeout, attempts=attempts, retry_on=retry_types)
 
     return decorate
 
@@ -86,6 +87,7 @@ class TaskFunction(Generic[P, R]):
     __wrapped__: Callable[P, R]
     __name__: str  # copied from the function, as functools.wraps does
     __qualname__: str
+    is_async = False
 
     def __init__(
         self,
@@ -95,7 +97,6 @@ class TaskFunction(Generic[P, R]):
         attempts: int,
         retry_on: tuple[type[Exception], ...],
     ) -> None:
-        self.is_async = _check_function(func)
         functools.update_wrapper(self, func)
         self.timeout = timeout
         self.attempts = attempts
@@ -160,11 +161,22 @@ class TaskFunction(Generic[P, R]):
     async def _attempt(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
         if (signal := report.started(handle, self)) is not None:
             await signal
-        if self.is_async:
-            func: Any = self.__wrapped__
-            await func(*task.args, **task.kwargs)
-        else:
-            await run_sync(task)
+        await call(task)
+
+
+async def _call_async(self: TaskFunction[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return await self.__wrapped__(*args, **kwargs)
+
+
+# For an `async def` function, a subclass with an `async def __call__`: whoever
+# asks whether it is async (Starlette's `BackgroundTask`, FastAPI's own
+# `BackgroundTasks` when handed one) then awaits it rather than sending it to
+# a thread, where it would return a coroutine that nobody awaits.
+_AsyncTaskFunction: type[TaskFunction[Any, Any]] = type(
+    "AsyncTaskFunction",
+    (TaskFunction,),
+    {"__call__": _call_async, "is_async": True, "__module__": __name__},
+)
 
 
 def _checked_timeout(timeout: object) -> float | None:

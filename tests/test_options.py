@@ -18,6 +18,7 @@ import pytest
 import stamina
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
 from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks, task
 from fastapi_bgplus._options import TaskFunction
@@ -103,6 +104,18 @@ async def test_calling_the_decorated_function_calls_the_plain_function() -> None
         f" retry_on=(ConnectionError,)>"
     )
     assert repr(render).endswith("render timeout=1.0, attempts=1>")
+
+
+async def test_starlette_s_own_collection_runs_it_as_a_plain_function() -> None:
+    """Handed to Starlette's (or FastAPI's) `BackgroundTasks`, a function with
+    options runs as the plain function: awaited if async, never left as an
+    un-awaited coroutine."""
+    flaky = Flaky()
+    tasks = StarletteBackgroundTasks()
+    tasks.add_task(options_on(flaky, "async", timeout=1.0), "async")
+    tasks.add_task(options_on(flaky, "sync", timeout=1.0), "sync")
+    await tasks()
+    assert flaky.calls == ["async", "sync"]
 
 
 # Retries
