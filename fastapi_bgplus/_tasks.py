@@ -140,12 +140,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     @property
     def app(self) -> Any:
-        """The application whose tasks these are: the sender of their signals."""
+        """The application whose tasks these are (the sender of their
+        signals), or `None` for a collection built by hand."""
         return self._report.sender
-
-    @app.setter
-    def app(self, app: Any) -> None:
-        self._report = Reporter(app, self._report.observers)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.tasks)} task(s)>"
