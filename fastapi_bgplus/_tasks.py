@@ -221,7 +221,10 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         if error is None:
             if not self._started:
                 spawn = self._spawn
-                if spawn is not None and spawn(self.run):
+                if spawn is not None and spawn(functools.partial(_run_cancellable, self)):
+                    # Started from now on: nothing else may run it (FastAPI's
+                    # own background, on versions without exit stacks).
+                    self._started = True
                     self._close(
                         "it was queued after the request's background tasks had been"
                         " handed to the TaskTracker to run detached (detach=True)"

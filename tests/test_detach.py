@@ -17,7 +17,7 @@ import anyio
 import pytest
 from fastapi import Depends, FastAPI
 
-from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker
+from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, TrackedBackgroundTasks
 
 from .conftest import Sent
 
@@ -70,6 +70,7 @@ class Story:
         self.events: list[str] = []
         self.release = anyio.Event()
         self.late: list[TaskHandle] = []
+        self.collections: list[TrackedBackgroundTasks] = []
 
 
 def make_app(tracker: TaskTracker, story: Story) -> FastAPI:
@@ -95,6 +96,7 @@ def make_app(tracker: TaskTracker, story: Story) -> FastAPI:
         db: str = Depends(session),
     ) -> dict[str, str]:
         request_id.set("req-1")
+        story.collections.append(tasks)
         failing = tasks.add_task(fail)
         handle = tasks.add_task(slow, "slow")
         return {"slow": handle.task_id, "fail": failing.task_id}
@@ -134,6 +136,8 @@ async def test_the_asgi_call_returns_before_the_tasks_run(
         assert slow is not None
         assert failed is not None
         assert story.events == ["dependency exited"]
+        with pytest.raises(RuntimeError, match="already run"):
+            await story.collections[0].run()  # handed over: it runs once, detached
         assert slow.status == "pending"
         assert tracker.in_flight == [failed, slow]
         await anyio.wait_all_tasks_blocked()
