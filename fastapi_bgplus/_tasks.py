@@ -4,7 +4,7 @@ import asyncio
 import functools
 import inspect
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
@@ -107,6 +107,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     _cancel_reason: str | None = None
     _host: Any = None  # what `cancel()` cancels while it runs
     _trio = False  # whether it runs on trio, for `cancel()`
+    # Set by `for_request` in detached mode: hands the run to the tracker.
+    _spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
 
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
         self.tasks: list[BackgroundTask] = []
@@ -140,6 +142,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         else:
             tasks._report = tracker.reporter(scope.get("app"))
             tasks._trio = tracker.on_trio
+            if tracker.detach:
+                tasks._spawn = tracker.spawn
         return tasks
 
     @property
@@ -228,6 +232,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             )
         self._started = True
         self._accepting = False
+        await self._run()
+
+    async def _run(self) -> None:
         if not self._report.observers:
             await self._run_tasks()  # nothing can cut it off: no need to prepare for it
         elif self._trio:
@@ -259,12 +266,24 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """Settle the collection at the end of its request, and close it.
 
         If the request succeeded, its tasks run now (unless they already ran,
-        as a response's background); if it failed with `error`, each ends
+        as a response's background), or in detached mode
+        (``TaskTracker(detach=True)``) start in the tracker's task group and
+        this returns at once; if it failed with `error`, each ends
         ``cancelled``. Either way the collection is closed: a task added to it
         later ends ``cancelled`` at once, loudly, and is never left pending.
         """
         if error is None:
             if not self._started:
+                spawn = self._spawn
+                if spawn is not None and spawn(self._run):
+                    # Started from now on: nothing else may run it (FastAPI's
+                    # own background, on versions without exit stacks).
+                    self._started = True
+                    self._close(
+                        "it was queued after the request's background tasks had been"
+                        " handed to the TaskTracker to run detached (detach=True)"
+                    )
+                    return
                 await self.run()
             self._close("it was queued after the request's background tasks had run")
         else:

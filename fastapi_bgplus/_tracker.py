@@ -4,11 +4,12 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import sniffio
 from starlette.types import Scope
 
@@ -128,6 +129,11 @@ class TaskTracker:
         history_ttl: Seconds a finished handle is kept; `None` for no limit.
         thread_limit: If set, the number of worker threads sync tasks may use
             at once, applied at startup (see `current_thread_limiter()`).
+        detach: Detached mode: once a request is done, its tasks are handed to
+            the tracker's own task group and the request ends at once, so the
+            server no longer counts background work as a request in flight;
+            the drain (`drain_timeout`) alone governs shutdown. The price: the
+            request's `yield` dependencies have exited before its tasks run.
 
     Raises `ValueError` for an argument out of its range, saying what is valid.
     One tracker serves one application at a time: starting it while it serves
@@ -141,6 +147,7 @@ class TaskTracker:
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: float | None = DEFAULT_HISTORY_TTL,
         thread_limit: int | None = None,
+        detach: bool = False,
     ) -> None:
         if not _is_seconds(drain_timeout):
             raise ValueError(
@@ -159,8 +166,12 @@ class TaskTracker:
             )
         if thread_limit is not None and not _is_count(thread_limit, 1):
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
+        if not isinstance(detach, bool):
+            raise ValueError(f"detach must be True or False, got {detach!r}")
         self.drain_timeout = drain_timeout
         self.thread_limit = thread_limit
+        self.detach = detach
+        self._task_group: anyio.abc.TaskGroup | None = None  # detached runs, while serving
         self._ledger = _Ledger(history_size, history_ttl)
         self._serving = False
         self._on_trio = False
@@ -276,11 +287,41 @@ class TaskTracker:
         self._on_trio = sniffio.current_async_library() == "trio"
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
-        try:
+        async with self._detached_runs():
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._drain()
+
+    # Detached mode
+
+    @asynccontextmanager
+    async def _detached_runs(self) -> AsyncIterator[None]:
+        """With ``detach=True``, the task group of the requests' detached runs,
+        open from startup until the drain is over."""
+        if not self.detach:
             yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._drain()
+            return
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            try:
+                yield
+            finally:
+                self._task_group = None
+                # The drain has ended every run or reported it lost; one that
+                # ignored its cancellation must not hold the shutdown up.
+                task_group.cancel_scope.cancel()
+
+    def spawn(self, run: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
+        """Start `run` in the tracker's task group (detached mode), in a copy
+        of the caller's context; `False` if there is none (not serving, or
+        ``detach=False``). A request's collection hands itself over this way."""
+        task_group = self._task_group
+        if task_group is None:
+            return False
+        task_group.start_soon(run)
+        return True
 
     async def _drain(self) -> None:
         ledger = self._ledger

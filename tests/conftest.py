@@ -36,6 +36,7 @@ SIGNALS = (
     signals.task_completed,
     signals.task_failed,
     signals.task_abandoned,
+    signals.task_retrying,
 )
 
 
