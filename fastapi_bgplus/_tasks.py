@@ -19,6 +19,7 @@ from starlette.types import Scope
 from . import _lifecycle as lifecycle
 from ._handle import PENDING, RUNNING, TaskHandle, callable_name
 from ._limiter import current_thread_limiter
+from ._tracing import current_observer
 from ._tracker import tracker_of
 
 if TYPE_CHECKING:
@@ -132,6 +133,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         tracker = tracker_of(scope)
         if tracker is not None:
             tasks._observers = tracker.observers
+        if (tracing := current_observer()) is not None:  # a span records: trace each task
+            tasks._observers = (*tasks._observers, tracing)
         return tasks
 
     def __repr__(self) -> str:
