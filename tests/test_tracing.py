@@ -10,7 +10,10 @@ traces every request once a provider is set) record nothing.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -433,3 +436,23 @@ async def test_failed_spans_match_fastapi_own(
     ]
     assert shape(spans, "/fastapi-failing") == expected
     assert shape(spans, "/bgplus-failing") == expected
+
+
+def test_the_readme_snippet_runs_and_prints_the_task_span() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n### Tracing (OpenTelemetry)\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(
+        "fastapi.background_task {'code.function.name': '__main__.send_welcome_email',"
+        " 'fastapi_bgplus.task.id': '"
+    ), result.stdout
+    assert "ada@example.com" not in last
