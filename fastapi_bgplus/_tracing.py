@@ -40,6 +40,7 @@ __all__ = [
     "current_observer",
     "extract_context",
     "inject_context",
+    "span_observer",
 ]
 
 SPAN_NAME = "fastapi.background_task"
@@ -67,6 +68,15 @@ def current_observer() -> SpanObserver | None:
     loaded = sys.modules.get("opentelemetry.trace")
     if loaded is None or not loaded.get_current_span().is_recording():
         return None
+    return span_observer()
+
+
+def span_observer() -> SpanObserver:
+    """A `SpanObserver`, whether or not a span records now: for a runner outside
+    the request (a taskiq worker), where each task's span continues the trace
+    current when it starts (attach `extract_context` of the message first).
+
+    Raises `ModuleNotFoundError` if OpenTelemetry is not installed."""
     if _tracer is None:
         _load()
     return SpanObserver()

@@ -20,6 +20,7 @@ import anyio
 import fastapi
 import httpx2
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -32,7 +33,12 @@ from opentelemetry.util.types import Attributes
 
 from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, TrackedBackgroundTasks
 from fastapi_bgplus import _lifecycle as lifecycle
-from fastapi_bgplus._tracing import current_observer, extract_context, inject_context
+from fastapi_bgplus._tracing import (
+    current_observer,
+    extract_context,
+    inject_context,
+    span_observer,
+)
 
 from .apps.memory import request_tasks
 
@@ -340,6 +346,31 @@ async def test_the_trace_context_travels_in_a_dict(spans: InMemorySpanExporter) 
     (worker,) = named(spans, "in the worker")
     assert worker.context.trace_id == request.get_span_context().trace_id
     assert parent_id(worker) == span_id(request)
+
+
+async def test_a_task_run_elsewhere_continues_the_trace_it_was_sent_from(
+    spans: InMemorySpanExporter, no_receivers: None
+) -> None:
+    # As a taskiq worker would: the labels carry the request's trace context.
+    with tracer.start_as_current_span("request") as request:
+        labels = inject_context()
+    assert current_observer() is None  # no span in the worker
+
+    received = extract_context(labels)
+    assert received is not None
+    token = otel_context.attach(received)
+    try:
+        observer = span_observer()
+        handle = TaskHandle("tests.test_tracing.noop")
+        assert lifecycle.started(None, [observer], handle, noop) is None
+        assert lifecycle.completed(None, [observer], handle, noop) is None
+    finally:
+        otel_context.detach(token)
+
+    (span,) = named(spans, SPAN)
+    assert span.context.trace_id == request.get_span_context().trace_id
+    assert parent_id(span) == span_id(request)
+    assert attributes(span)[TASK_ID] == handle.task_id
 
 
 # Against FastAPI's own spans, under its native telemetry (on by default in
