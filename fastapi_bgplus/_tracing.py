@@ -58,6 +58,7 @@ ATTEMPT = "fastapi_bgplus.task.attempt"
 _FAILED = TaskStatus.FAILED
 _CANCELLED = TaskStatus.CANCELLED
 _tracer: Tracer | None = None
+_task_key = ""  # marks the context a task's span was attached in (see task_ended)
 
 
 def current_observer() -> SpanObserver | None:
@@ -83,7 +84,7 @@ def span_observer() -> SpanObserver:
 
 
 def _load() -> None:
-    global _tracer, otel_context, trace
+    global _tracer, _task_key, otel_context, trace
     from opentelemetry import context as otel_context
     from opentelemetry import trace
 
@@ -91,6 +92,7 @@ def _load() -> None:
 
     # The global provider, as OpenTelemetry's instrumentations use by default.
     _tracer = trace.get_tracer("fastapi_bgplus", __version__)
+    _task_key = otel_context.create_key("fastapi_bgplus.task")
 
 
 class SpanObserver:
@@ -107,7 +109,7 @@ class SpanObserver:
     __slots__ = ("_open",)
 
     def __init__(self) -> None:
-        self._open: dict[TaskHandle, tuple[Span, Context, Token[Context]]] = {}
+        self._open: dict[TaskHandle, tuple[Span, Token[Context]]] = {}
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
         pass
@@ -121,8 +123,8 @@ class SpanObserver:
         span = _start(handle)
         # Attached here and detached in task_ended: the run loop calls both
         # from the task's own asyncio/trio task and context.
-        context = trace.set_span_in_context(span)
-        self._open[handle] = (span, context, otel_context.attach(context))
+        context = otel_context.set_value(_task_key, handle, trace.set_span_in_context(span))
+        self._open[handle] = (span, otel_context.attach(context))
 
     def task_ended(self, handle: TaskHandle) -> None:
         opened = self._open.pop(handle, None)
@@ -131,11 +133,12 @@ class SpanObserver:
             # duration), so that no task of the request is missing from its trace.
             span = _start(handle)
         else:
-            span, context, token = opened
-            # Not when reported from elsewhere (the drain's task, for a task
-            # that swallowed its cancellation): the token belongs to the run's
-            # context, and detaching it here would fail.
-            if otel_context.get_current() is context:
+            span, token = opened
+            # Detached in the context it was attached in, even if the task
+            # left contexts of its own attached there (they go with it); not
+            # when reported from elsewhere (the drain's task, for a task that
+            # swallowed its cancellation), where detaching would fail.
+            if otel_context.get_value(_task_key) is handle:
                 otel_context.detach(token)
         status = handle.status
         if status is _FAILED:

@@ -190,6 +190,25 @@ async def test_spans_a_task_opens_nest_under_its_span_sync_or_async(
     assert parent_id(inside_sync) == span_id(second)  # in the worker thread
 
 
+async def test_a_task_that_leaves_a_span_current_does_not_leak_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    async def leaky() -> None:
+        span = tracer.start_span("left current")
+        otel_context.attach(trace.set_span_in_context(span))  # never detached
+        span.end()
+
+    with tracer.start_as_current_span("request") as request:
+        tasks = request_collection()
+        tasks.add_task(leaky)
+        tasks.add_task(noop)
+        await tasks()
+        assert trace.get_current_span() is request
+
+    _, second = named(spans, SPAN)
+    assert parent_id(second) == span_id(request)
+
+
 async def test_a_failed_task_has_error_type_and_status_and_no_message(
     spans: InMemorySpanExporter,
 ) -> None:
