@@ -3,14 +3,15 @@
 FastAPI 0.165 runs each of its background tasks in a ``fastapi.background_task``
 span, a child of the request's span, with ``code.function.name`` and, when the
 task raises, ``error.type`` and an ERROR status (never the exception's message).
-`SpanObserver` gives every task of a collection the same span, plus the task's
+`SpanObserver` gives each of our tasks a span of that shape, plus the task's
 id, and marks a cancelled or cut-off task; it makes the span current while the
 task runs, so that the spans the task opens nest under it (in the worker thread
 of a ``def`` task too: anyio copies the context there).
 
-OpenTelemetry is optional. This module imports it only once a collection is
-built while a span records, which cannot happen before something else has
-imported it: `import fastapi_bgplus` never does.
+OpenTelemetry is optional. This module imports it only when asked for spans or
+trace context; for a request's collection, only once a span records, which
+cannot happen before something else has imported it. `import fastapi_bgplus`
+never does.
 """
 
 from __future__ import annotations
