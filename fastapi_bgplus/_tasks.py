@@ -18,6 +18,7 @@ from starlette.types import Scope
 from ._handle import PENDING, RUNNING, TaskHandle, callable_name
 from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
+from ._tracing import current_observer
 from ._tracker import tracker_of
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     _closed: str | None = None  # why later tasks cannot run, once closed
     _cancel_reason: str | None = None
     _host: Any = None  # what `cancel()` cancels while it runs
-    _trio = False  # whether it runs on trio, for `cancel()`
+    # Set by `for_request` when a tracker may `cancel()` it: whether it runs on trio.
+    _trio: bool | None = None
     # Set by `for_request` in detached mode: hands the run to the tracker.
     _spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
 
@@ -137,13 +139,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         scope = connection if type(connection) is dict else connection.scope  # type: ignore[union-attr]
         tasks = cls()
         tracker = tracker_of(scope)
+        app = scope.get("app")
         if tracker is None:
-            tasks._report = Reporter(scope.get("app"))
+            tasks._report = Reporter(app)
         else:
-            tasks._report = tracker.reporter(scope.get("app"))
+            tasks._report = tracker.reporter(app)
             tasks._trio = tracker.on_trio
             if tracker.detach:
                 tasks._spawn = tracker.spawn
+        if (tracing := current_observer()) is not None:  # a span records: trace each task
+            tasks._report = Reporter(app, (*tasks._report.observers, tracing))
         return tasks
 
     @property
@@ -235,8 +240,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         await self._run()
 
     async def _run(self) -> None:
-        if not self._report.observers:
-            await self._run_tasks()  # nothing can cut it off: no need to prepare for it
+        if self._trio is None:
+            await self._run_tasks()  # no tracker can cut it off: no need to prepare for it
         elif self._trio:
             await _run_in_trio_scope(self)
         else:
