@@ -7,6 +7,8 @@ import pytest
 from blinker import ANY, Signal
 
 from fastapi_bgplus import signals
+from tests.redis_server import redis_server as redis_server
+from tests.stores import redis_store as redis_store
 
 
 @pytest.fixture(params=["asyncio", "trio"])
