@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio
+import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -43,10 +44,11 @@ UNFINISHED_EXPIRY_S = 7 * 24 * 3600
 lease says whether they are still alive; this only bounds what a crashed
 process leaves in Redis."""
 
-# For a client built from a URL. Status writes are retried by the tracker and a
-# lookup should rather answer "unknown" soon than hang a request: fail within
-# seconds, and retry once at once (a pooled connection broken by a server
-# restart is replaced on the retry). URL query options take precedence.
+# For a client built from a URL. Status writes are retried by the tracker, and a
+# lookup should rather fail soon than hang a request: give up on a silent server
+# after 2 seconds, without retrying, but retry a broken connection once at once
+# (a pooled connection that a server restart broke is replaced on the retry).
+# URL query options take precedence over the timeouts.
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 2.0
 
@@ -90,7 +92,7 @@ class RedisStore:
                 url_or_client,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_timeout=SOCKET_TIMEOUT_S,
-                retry=Retry(NoBackoff(), 1),
+                retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
             )
             self._owns_client = True
         elif isinstance(url_or_client, redis.asyncio.Redis):

@@ -317,6 +317,40 @@ async def test_the_server_going_away_raises_and_coming_back_works(
     assert await store.lease_alive("owner-1")
 
 
+async def test_a_restart_between_two_calls_goes_unnoticed(
+    redis_server: RedisServer, store: RedisStore
+) -> None:
+    await store.renew_lease("owner-1", 5.0)  # a pooled connection, idle from here on
+    redis_server.stop()
+    redis_server.start()
+    # The pooled connection is dead: the store retries once, on a new one.
+    await store.renew_lease("owner-1", 5.0)
+    assert await store.lease_alive("owner-1")
+
+
+@pytest.mark.parametrize(
+    ("query", "timeout_s"),
+    [("", 2.0), ("?socket_timeout=0.3", 0.3)],
+    ids=["default", "from-the-url"],
+)
+async def test_a_silent_server_times_out_once_not_retried(
+    redis_server: RedisServer, query: str, timeout_s: float
+) -> None:
+    store = RedisStore(redis_server.url + query, prefix=f"{uuid.uuid4().hex}:")
+    await store.renew_lease("owner-1", 5.0)  # connected
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await store.lease_alive("owner-1")
+        waited = time.monotonic() - started
+    finally:
+        redis_server.resume()
+    assert timeout_s * 0.9 < waited < timeout_s * 1.8  # a retry would wait twice
+    assert await store.lease_alive("owner-1")
+    await store.aclose()
+
+
 def test_a_wrong_argument_is_a_type_error() -> None:
     with pytest.raises(TypeError, match=r"Redis URL .* or a redis\.asyncio\.Redis client, not"):
         RedisStore(b"redis://localhost")  # type: ignore[arg-type]
