@@ -6,7 +6,7 @@ import inspect
 import traceback
 from collections.abc import Callable, Sequence
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 import anyio
 import anyio.to_thread
@@ -16,15 +16,13 @@ from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from . import _lifecycle as lifecycle
 from ._handle import PENDING, RUNNING, TaskHandle, callable_name
+from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
 from ._tracker import tracker_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-    from ._lifecycle import TaskObserver
 
 __all__ = ["TrackedBackgroundTasks"]
 
@@ -101,8 +99,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
         self.tasks: list[BackgroundTask] = []
         self.handles: list[TaskHandle] = []
-        self.app: Any = None
-        self._observers: Sequence[TaskObserver] = ()
+        self._report: Reporter = UNBOUND
+        self._runners: dict[int, TaskRunner] | None = None  # by index, for special tasks
         self._started = False
         self._closed: str | None = None  # why later tasks cannot run, once closed
         self._cancel_reason: str | None = None
@@ -128,11 +126,15 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         runs) tracks its tasks. The FastAPI provider builds them this way."""
         scope = connection.scope if isinstance(connection, HTTPConnection) else connection
         tasks = cls()
-        tasks.app = scope.get("app")
         tracker = tracker_of(scope)
-        if tracker is not None:
-            tasks._observers = tracker.observers
+        tasks._report = Reporter(scope.get("app"), tracker.observers if tracker else ())
         return tasks
+
+    @property
+    def app(self) -> Any:
+        """The application whose tasks these are (the sender of their
+        signals), or `None` for a collection built by hand."""
+        return self._report.sender
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.tasks)} task(s)>"
@@ -152,8 +154,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         _check_task_callable(func)
         if self._closed is not None:
             handle = TaskHandle(callable_name(func))
-            lifecycle.queued(self._observers, handle, self)
-            lifecycle.abandoned_now(self.app, self._observers, handle, func, self._closed)
+            self._report.queued(handle, self)
+            self._report.abandoned_now(handle, func, self._closed)
             return handle
         if self._started:
             raise RuntimeError(
@@ -164,11 +166,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         return self._queue(BackgroundTask(func, *args, **kwargs))
 
     def _queue(self, task: BackgroundTask) -> TaskHandle:
-        handle = TaskHandle(callable_name(task.func))
+        func = task.func
+        handle = TaskHandle(callable_name(func))
+        if type(func) is not FunctionType and (runner := _runner_for(func)) is not None:
+            if self._runners is None:
+                self._runners = {}
+            self._runners[len(self.tasks)] = runner
         self.tasks.append(task)
         self.handles.append(handle)
-        if self._observers:
-            lifecycle.queued(self._observers, handle, self)
+        if self._report.observers:
+            self._report.queued(handle, self)
         return handle
 
     async def run(self) -> None:
@@ -185,7 +192,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 " collection runs once; build a new BackgroundTasks() for more work"
             )
         self._started = True
-        if not self._observers:
+        if not self._report.observers:
             await self._run_tasks()  # nothing can cut it off: no need to prepare for it
         else:
             await _run_cancellable(self)
@@ -231,9 +238,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             await self._abandon(reason)
 
     async def _run_tasks(self) -> None:
-        sender = self.app
-        observers = self._observers
+        report = self._report
         tasks = self.tasks
+        runners = self._runners
         try:
             # Not zip(): with strict=True, which linters ask for, it costs as
             # much as a no-op task on Python 3.11.
@@ -241,21 +248,22 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 if handle.status is not PENDING:
                     continue  # abandoned before the collection ran
                 task = tasks[index]
+                if runners is not None and (runner := runners.get(index)) is not None:
+                    await runner(report, handle, task)
+                    continue
                 func = task.func
                 try:
-                    if (signal := lifecycle.started(sender, observers, handle, func)) is not None:
+                    if (signal := report.started(handle, func)) is not None:
                         await signal
                     if task.is_async:
                         await func(*task.args, **task.kwargs)
                     else:
-                        await _run_sync(task)
+                        await run_sync(task)
                 except Exception as exc:
                     if handle.status is RUNNING:  # not reported lost meanwhile
-                        await lifecycle.failed(sender, observers, handle, func, exc)
+                        await report.failed(handle, func, exc)
                 else:
-                    if handle.status is RUNNING and (
-                        signal := lifecycle.completed(sender, observers, handle, func)
-                    ):
+                    if handle.status is RUNNING and (signal := report.completed(handle, func)):
                         await signal
         except BaseException:
             # Cancelled in a task, or in a receiver awaited between tasks:
@@ -274,7 +282,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 reason = f"{cause}; it was cut off while running"
             else:
                 reason = f"{cause}; it never started"
-            await lifecycle.abandoned(self.app, self._observers, handle, task.func, reason)
+            await self._report.abandoned(handle, task.func, reason)
 
 
 _CANCELLED = (
@@ -327,7 +335,31 @@ def _forget_arguments(handles: list[TaskHandle]) -> None:
             traceback.clear_frames(handle.error.__traceback__)
 
 
-async def _run_sync(task: BackgroundTask) -> None:
+class TaskRunner(Protocol):
+    """Runs one special task (one with options, or one sent to a queue) in
+    place of the run loop's plain call, reporting each transition itself."""
+
+    async def __call__(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
+        """Run `task`, whose handle is `handle`, through `report`; raise only
+        what is not the task's own failure (cancellation)."""
+
+
+def _runner_for(func: Any) -> TaskRunner | None:
+    """The runner of a special task, or `None` for a plain one."""
+    # On the type: a Mock or a proxy answers any attribute of its instances.
+    make = getattr(type(func), "bgplus_runner", None)
+    return make(func) if make is not None else None
+
+
+async def call(task: BackgroundTask) -> None:
+    """Call a task the plain way: awaited, or in a worker thread."""
+    if task.is_async:
+        await task.func(*task.args, **task.kwargs)
+    else:
+        await run_sync(task)
+
+
+async def run_sync(task: BackgroundTask) -> None:
     def call() -> tuple[Any]:
         # Boxed, because trio fails a thread that returns a coroutine, and
         # `add_task(lambda: send(x))` must work the same on both backends.

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -30,7 +29,6 @@ DEFAULT_HISTORY_TTL = 3600.0
 """Seconds a finished handle stays available for lookup, by default."""
 
 _STATE_KEY = "fastapi_bgplus.tracker"
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -184,21 +182,17 @@ class TaskTracker:
     def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
         """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
 
-        Unknown, expired or malformed ids get `404`. Keyword arguments go to
-        `fastapi.APIRouter` (``tags=``, ``dependencies=`` for auth, ...).
+        Unknown, expired or malformed ids get `404`; OpenAPI documents the
+        record's fields. Keyword arguments go to `fastapi.APIRouter` (``tags=``,
+        ``dependencies=`` for auth, ...).
         """
-        from fastapi import APIRouter, HTTPException
+        from ._router import status_router
 
-        router = APIRouter(prefix=prefix, **kwargs)
+        async def lookup(task_id: str) -> dict[str, Any] | None:
+            handle = self.get(task_id)
+            return handle.to_dict() if handle is not None else None
 
-        @router.get("/{task_id}", summary="Status of a background task")
-        async def task_status(task_id: str) -> dict[str, Any]:
-            handle = self.get(task_id) if _TASK_ID.fullmatch(task_id) else None
-            if handle is None:
-                raise HTTPException(status_code=404, detail="Unknown task id")
-            return handle.to_dict()
-
-        return router
+        return status_router(lookup, prefix, **kwargs)
 
     # Lifespan
 
