@@ -93,6 +93,8 @@ class RedisStore:
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+                # redis-py < 6 retries only the errors listed here as well.
+                retry_on_error=[redis.exceptions.ConnectionError],
             )
             self._owns_client = True
         elif isinstance(url_or_client, redis.asyncio.Redis):
@@ -109,7 +111,8 @@ class RedisStore:
         self._lease_prefix = f"{prefix}lease:"
 
     def __repr__(self) -> str:
-        return f"<RedisStore {self.prefix!r} {self._client!r}>"
+        # Not the client's repr: it may show a password from the URL.
+        return f"<RedisStore prefix={self.prefix!r}>"
 
     async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
         """Write `records` in one round trip, in order: a later record of a task wins.
