@@ -4,7 +4,7 @@ lifespan hook that drains tasks at shutdown."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import signals
 from ._handle import TaskHandle, TaskStatus
@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_HISTORY_TTL",
     "DEFAULT_THREAD_LIMIT",
     "BackgroundTasks",
+    "RedisStore",
     "TaskHandle",
     "TaskStatus",
     "TaskTracker",
@@ -30,6 +31,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._fastapi import BackgroundTasks, get_background_tasks
+    from ._store_redis import RedisStore
 else:
     try:
         from ._fastapi import BackgroundTasks, get_background_tasks
@@ -41,3 +43,21 @@ else:
         __all__.remove("get_background_tasks")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # RedisStore is imported on first use, so that `import fastapi_bgplus` never
+    # imports redis (an optional extra).
+    if name == "RedisStore":
+        try:
+            from ._store_redis import RedisStore
+        except ModuleNotFoundError as exc:  # pragma: no cover  (tested in a subprocess)
+            if exc.name != "redis":
+                raise
+            raise ModuleNotFoundError(
+                "RedisStore needs the redis package: pip install 'fastapi-bgplus[redis]'",
+                name="redis",
+            ) from exc
+        globals()["RedisStore"] = RedisStore
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 from starlette.types import ASGIApp
 
 from fastapi_bgplus import signals
+from tests.redis_server import redis_server as redis_server
+from tests.stores import redis_store as redis_store
 
 FASTAPI = tuple(int(part) for part in fastapi.__version__.split(".")[:3])
 """The installed FastAPI's version, e.g. ``(0, 128, 2)``, for `skipif` on older

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from fastapi_bgplus import (
     BackgroundTasks,
+    RedisStore,
     TaskHandle,
     TaskStatus,
     TaskTracker,
@@ -27,6 +28,17 @@ from fastapi_bgplus import (
 )
 
 app = FastAPI(lifespan=TaskTracker(drain_timeout=5.0).lifespan)
+
+
+async def redis_store() -> dict[str, Any] | None:
+    store = RedisStore("redis://localhost:6379/0", prefix="myapp:")
+    await store.put([{"task_id": "x", "status": "done", "owner": "w1"}], history_ttl=3600.0)
+    record: dict[str, Any] | None = await store.get("x")
+    alive: bool = await store.lease_alive("w1")
+    await store.aclose()
+    RedisStore(b"redis://localhost")  # type: ignore[arg-type]
+    print(alive)
+    return record
 
 
 async def send_email(address: str, *, subject: str = "Welcome") -> None: ...
