@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import subprocess
 import sys
 import textwrap
@@ -15,11 +16,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
-from taskiq import InMemoryBroker, SendTaskError, TaskiqMessage, TaskiqResult
+from taskiq import InMemoryBroker, SendTaskError, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq_redis import RedisStreamBroker
 
 from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks
@@ -27,6 +29,7 @@ from fastapi_bgplus._store import MemoryStore, Record
 from fastapi_bgplus.taskiq import TrackingMiddleware
 
 from ._redis import free_port
+from .apps.memory import request_tasks
 from .conftest import Sent
 
 ROOT = Path(__file__).parent.parent
@@ -215,7 +218,7 @@ async def test_a_broker_that_is_down_fails_the_task(
 ) -> None:
     store = RecordingStore()
     broker = RedisStreamBroker(f"redis://127.0.0.1:{free_port()}").with_middlewares(
-        TrackingMiddleware(store)
+        TaskiqMiddleware(), TrackingMiddleware(store)
     )
 
     @broker.task
@@ -425,3 +428,84 @@ def test_import_fastapi_bgplus_never_imports_taskiq() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no taskiq ok"
+
+
+class HeldSend(TaskiqMiddleware):
+    """Holds each message at `pre_send` until released: a slow broker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = anyio.Event()
+        self.release = anyio.Event()
+
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        self.sending.set()
+        await self.release.wait()
+        return message
+
+
+@pytest.mark.anyio
+@ASYNCIO_ONLY
+async def test_the_drain_stops_waiting_once_the_task_is_handed_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastapi_bgplus")
+    held = HeldSend()
+    store = RecordingStore()
+    broker = InMemoryBroker(await_inplace=True).with_middlewares(held, TrackingMiddleware(store))
+    ran: list[str] = []
+
+    @broker.task
+    async def greet(name: str) -> None:
+        ran.append(name)
+
+    tracker = TaskTracker(drain_timeout=math.inf)
+    async with anyio.create_task_group() as group:
+        async with tracker.lifespan(None) as state:
+
+            async def request() -> None:
+                async with request_tasks(state) as tasks:
+                    tasks.add_task(greet, "ada")
+                    tasks.add_task(greet, "grace")  # two special tasks in one collection
+
+            group.start_soon(request)
+            await held.sending.wait()
+            assert len(tracker.in_flight) == 2
+            # Shutdown starts while the first is being sent: the drain waits
+            # for the sends, not for the worker.
+            logger = logging.getLogger("fastapi_bgplus")
+            handler = ReleaseWhenDraining(held)
+            logger.addHandler(handler)
+        logger.removeHandler(handler)
+        await broker.shutdown()
+    assert tracker.in_flight == []
+    assert ran == ["ada", "grace"]
+    (summary,) = [r.getMessage() for r in caplog.records if "drained" in r.getMessage()]
+    assert "(2 in flight at shutdown)" in summary
+    assert "0 done, 0 failed, 0 abandoned" in summary
+
+
+class ReleaseWhenDraining(logging.Handler):
+    """Releases the held send once the drain says it waits."""
+
+    def __init__(self, held: HeldSend) -> None:
+        super().__init__()
+        self.held = held
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Shutting down"):
+            self.held.release.set()
+
+
+@pytest.mark.anyio
+@ASYNCIO_ONLY
+async def test_no_receivers_cost_no_signal_in_the_worker(no_receivers: None) -> None:
+    world = World()
+    await world.broker.startup()
+    await world.greet.kiq("ada")
+    await world.broker.shutdown()
+    assert world.ran == ["ada"]
+    store = world.store
+    assert isinstance(store, RecordingStore)
+    await store.aclose()
+    assert [r["status"] for r in store.writes] == ["pending", "running", "done"]

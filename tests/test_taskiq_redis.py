@@ -303,13 +303,13 @@ def test_the_taskiq_example_runs_against_redis(
     with (
         serve(tmp_path, command, f"http://127.0.0.1:{port}", ready_path="/docs") as server,
         deployment.worker("example-worker", "examples.taskiq_worker:broker"),
+        httpx2.Client(base_url=server.url) as client,
     ):
-        with httpx2.Client(base_url=server.url) as client:
-            response = client.post("/users", json={"email": "ada@example.com"})
-            assert response.status_code == 201, server.log.read_text()
-            task_id = response.json()["task_id"]
-            seen = follow(client, task_id)
-            assert client.get(f"/tasks/{'0' * 32}").status_code == 404
+        response = client.post("/users", json={"email": "ada@example.com"})
+        assert response.status_code == 201, server.log.read_text()
+        task_id = response.json()["task_id"]
+        seen = follow(client, task_id)
+        assert client.get(f"/tasks/{'0' * 32}").status_code == 404
     assert seen[-1] == "done"
     assert "running" in seen
     worker_log = (tmp_path / "example-worker.log").read_text()
