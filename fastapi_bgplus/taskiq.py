@@ -129,6 +129,7 @@ class TrackingMiddleware(TaskiqMiddleware):
         self.history_ttl = history_ttl
         self.owner = os.urandom(16).hex()
         self._running: dict[str, TaskHandle] = {}
+        self._created: dict[str, str] = {}  # when it was sent, by task id (from the store)
         self._contexts: dict[str, Any] = {}  # OpenTelemetry context tokens, by task id
         self._renewer: asyncio.Task[None] | None = None
         self._warned_at = -float("inf")
@@ -170,6 +171,9 @@ class TrackingMiddleware(TaskiqMiddleware):
     async def write(self, handle: TaskHandle) -> None:
         """Write `handle`'s record to the store; a failure is logged, not raised."""
         record: Record = {**handle.to_dict(), "owner": self.owner}
+        created_at = self._created.get(handle.task_id)
+        if created_at is not None:
+            record["created_at"] = created_at
         try:
             await self.store.put([record], history_ttl=self.history_ttl)
         except Exception as exc:
@@ -210,6 +214,7 @@ class TrackingMiddleware(TaskiqMiddleware):
             self._store_failed(exc)
             earlier = None
         if earlier is not None:
+            self._created[message.task_id] = earlier["created_at"]
             # Delivered again (its worker died): one more attempt.
             handle.attempts = int(earlier.get("attempts") or 0)
         self._running[message.task_id] = handle
@@ -226,6 +231,7 @@ class TrackingMiddleware(TaskiqMiddleware):
             return
         await self.reporter.failed(handle, self._func(message), exception)
         await self.write(handle)
+        self._created.pop(message.task_id, None)
 
     async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         _detach_trace_context(self._contexts.pop(message.task_id, None))
@@ -235,6 +241,7 @@ class TrackingMiddleware(TaskiqMiddleware):
         if (signal := self.reporter.completed(handle, self._func(message))) is not None:
             await signal
         await self.write(handle)
+        self._created.pop(message.task_id, None)
 
     def _func(self, message: TaskiqMessage) -> Any:
         return self.broker.find_task(message.task_name)

@@ -139,6 +139,10 @@ def test_a_taskiq_task_is_sent_after_the_response_with_the_handle_id(
     assert record["attempts"] == 1
     assert record["owner"] == world.middleware.owner
     assert record["duration_s"] >= 0
+    # When it was sent, not when the worker took it.
+    assert {r["created_at"] for r in store.writes if r["task_id"] == task_id} == {
+        record["created_at"]
+    }
     assert [(s.signal, s.sender, s.kwargs["task_id"]) for s in sent] == [
         ("task_started", world.broker, task_id),
         ("task_completed", world.broker, task_id),
