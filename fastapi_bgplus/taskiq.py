@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from ._store import Record, TaskStore
 
-__all__ = ["TrackingMiddleware"]
+__all__ = ["QUEUED", "TrackingMiddleware"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -41,6 +41,12 @@ _TRIO = (
     " serve the app on asyncio (uvicorn, or hypercorn's default worker class)"
     " or call the task in-process"
 )
+
+
+QUEUED = "taskiq-queued"
+"""The lease of tasks waiting in a queue: renewed by every process whose broker
+has a `TrackingMiddleware` (web apps and workers), so a waiting task reads
+``lost`` only once none of them has run for a lease's length."""
 
 
 def _on_trio() -> bool:
@@ -104,8 +110,10 @@ class TrackingMiddleware(TaskiqMiddleware):
       sender. A task delivered again (its worker died mid-run) counts one
       more attempt.
     - Each process holds a lease in the store, renewed every third of
-      `lease_ttl` while the broker runs: once it lapses, the unfinished
-      records it wrote read ``lost``.
+      `lease_ttl` while the broker runs: once it lapses, the tasks it was
+      running read ``lost``. Tasks waiting in the queue belong to a lease all
+      these processes renew (`QUEUED`): they read ``pending`` while any of
+      them runs.
 
     A store that fails is logged at WARNING (at most once per `lease_ttl`) and
     never fails the task.
@@ -163,14 +171,16 @@ class TrackingMiddleware(TaskiqMiddleware):
     async def _renew(self) -> None:
         try:
             await self.store.renew_lease(self.owner, self.lease_ttl)
+            await self.store.renew_lease(QUEUED, self.lease_ttl)
         except Exception as exc:
             self._store_failed(exc)
 
     # Records
 
-    async def write(self, handle: TaskHandle) -> None:
-        """Write `handle`'s record to the store; a failure is logged, not raised."""
-        record: Record = {**handle.to_dict(), "owner": self.owner}
+    async def write(self, handle: TaskHandle, owner: str | None = None) -> None:
+        """Write `handle`'s record to the store, as this process's unless
+        `owner` is given; a failure is logged, not raised."""
+        record: Record = {**handle.to_dict(), "owner": owner or self.owner}
         created_at = self._created.get(handle.task_id)
         if created_at is not None:
             record["created_at"] = created_at
@@ -198,7 +208,9 @@ class TrackingMiddleware(TaskiqMiddleware):
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         _inject_trace_context(message.labels)
         # Before the message leaves, so the worker's `running` lands after it.
-        await self.write(self._handle(message))
+        # Owned by the queue, not by this process: a web process that stops
+        # does not make the tasks it sent read `lost` while they wait.
+        await self.write(self._handle(message), QUEUED)
         return message
 
     # Running (in the worker)

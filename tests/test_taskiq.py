@@ -26,7 +26,7 @@ from taskiq_redis import RedisStreamBroker
 
 from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks
 from fastapi_bgplus._store import MemoryStore, Record
-from fastapi_bgplus.taskiq import TrackingMiddleware
+from fastapi_bgplus.taskiq import QUEUED, TrackingMiddleware
 
 from ._redis import free_port
 from .apps.memory import request_tasks
@@ -138,6 +138,10 @@ def test_a_taskiq_task_is_sent_after_the_response_with_the_handle_id(
     assert record["name"] == world.greet.task_name
     assert record["attempts"] == 1
     assert record["owner"] == world.middleware.owner
+    # While it waits in the queue, the queue's lease, not the sender's, owns it.
+    (pending,) = [r for r in store.writes if r["task_id"] == task_id and r["status"] == "pending"]
+    assert pending["owner"] == QUEUED
+    assert QUEUED in store.leases
     assert record["duration_s"] >= 0
     # When it was sent, not when the worker took it.
     assert {r["created_at"] for r in store.writes if r["task_id"] == task_id} == {
