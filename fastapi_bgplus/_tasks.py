@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from types import FunctionType
@@ -15,7 +16,7 @@ from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from ._handle import PENDING, RUNNING, TaskHandle, callable_name
+from ._handle import PENDING, RUNNING, TaskHandle, callable_name, handed_off
 from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
 from ._tracing import current_observer
@@ -213,6 +214,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         func = task.func
         handle = TaskHandle(callable_name(func))
         if type(func) is not FunctionType and (runner := _runner_for(func)) is not None:
+            # A runner may name the task better (taskiq: the task's name).
+            handle.name = getattr(runner, "name", handle.name)
             if self._runners is None:
                 self._runners = {}
             self._runners[len(self.tasks)] = runner
@@ -356,7 +359,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     async def _abandon(self, cause: str) -> None:
         """End every unfinished task as cancelled, loudly."""
         for task, handle in zip(self.tasks, self.handles, strict=True):
-            if handle.finished:
+            if handle.finished or handed_off(handle):
                 continue
             if handle.status is RUNNING:
                 reason = f"{cause}; it was cut off while running"
@@ -407,7 +410,13 @@ def _runner_for(func: Any) -> TaskRunner | None:
     """The runner of a special task, or `None` for a plain one."""
     # On the type: a Mock or a proxy answers any attribute of its instances.
     make = getattr(type(func), "bgplus_runner", None)
-    return make(func) if make is not None else None
+    if make is not None:
+        return make(func)  # type: ignore[no-any-return]
+    if "taskiq" in sys.modules:  # never imported for it: a taskiq task implies it
+        from .taskiq import runner_for
+
+        return runner_for(func)
+    return None
 
 
 async def call(task: BackgroundTask) -> None:

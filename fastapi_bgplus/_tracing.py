@@ -150,6 +150,11 @@ class SpanObserver:
         span.end()
 
 
+    def task_handed_off(self, handle: TaskHandle) -> None:
+        """Sent to a queue: no span here; the worker's continues the trace
+        from the context the message carries."""
+
+
 def _start(handle: TaskHandle) -> Span:
     assert _tracer is not None
     return _tracer.start_span(

@@ -81,6 +81,13 @@ class _Ledger:
         if self.idle is not None and not self.live:
             self.idle.set()
 
+    def task_handed_off(self, handle: TaskHandle) -> None:
+        # Its record is the store's now (the worker writes it): neither in
+        # flight here, nor in the history, where it would stay pending.
+        self.live.pop(handle.task_id, None)
+        if self.idle is not None and not self.live:
+            self.idle.set()
+
     def get(self, task_id: str) -> TaskHandle | None:
         entry = self.live.get(task_id)
         if entry is not None:

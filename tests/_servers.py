@@ -49,9 +49,11 @@ class Server:
 
 
 @contextmanager
-def serve(tmp_path: Path, command: list[str], url: str) -> Iterator[Server]:
+def serve(
+    tmp_path: Path, command: list[str], url: str, ready_path: str = "/health"
+) -> Iterator[Server]:
     """Run `command` (a server listening at `url`) with the markers directory
-    of `tmp_path` in its environment, until it answers ``GET /health``."""
+    of `tmp_path` in its environment, until it answers ``GET {ready_path}``."""
     log = tmp_path / "server.log"
     (tmp_path / "markers").mkdir()
     env = {**os.environ, "BGPLUS_MARKERS": str(tmp_path / "markers")}
@@ -68,7 +70,7 @@ def serve(tmp_path: Path, command: list[str], url: str) -> Iterator[Server]:
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while True:  # poll until it answers, for a bounded time
             try:
-                httpx2.get(f"{url}/health", timeout=1.0).raise_for_status()
+                httpx2.get(f"{url}{ready_path}", timeout=1.0).raise_for_status()
                 break
             except httpx2.TransportError:
                 assert process.poll() is None, log.read_text()

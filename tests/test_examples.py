@@ -47,3 +47,13 @@ def test_sign_up_refuses_a_malformed_address(client: TestClient) -> None:
 def test_unknown_task_id_is_404(client: TestClient) -> None:
     with client:
         assert client.get(f"/tasks/{'0' * 32}").status_code == 404
+
+
+def test_the_taskiq_examples_import_and_wire_the_middleware() -> None:
+    # Run for real against Redis in tests/test_taskiq_redis.py.
+    from examples import taskiq_app, taskiq_worker
+    from fastapi_bgplus.taskiq import TrackingMiddleware
+
+    paths = {getattr(route, "path", None) for route in taskiq_app.app.routes}
+    assert {"/users", "/tasks/{task_id}"} <= paths
+    assert any(isinstance(m, TrackingMiddleware) for m in taskiq_worker.broker.middlewares)

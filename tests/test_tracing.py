@@ -508,3 +508,15 @@ def test_the_readme_snippet_runs_and_prints_the_task_span() -> None:
         " 'fastapi_bgplus.task.id': '"
     ), result.stdout
     assert "ada@example.com" not in last
+
+
+async def test_a_task_handed_off_to_a_queue_gets_no_span_here(
+    spans: InMemorySpanExporter, no_receivers: None
+) -> None:
+    """Its span is the worker's, continuing the trace from the message."""
+    with tracer.start_as_current_span("request"):
+        observer = current_observer()
+        assert observer is not None
+        handle = TaskHandle("tests.test_tracing.noop")
+        lifecycle.Reporter(None, [observer]).handed_off(handle, noop)
+    assert named(spans, SPAN) == []

@@ -114,3 +114,23 @@ async def run_it() -> None:
 
 @signals.task_failed.connect_via(app)
 def count_failure(sender: Any, **kwargs: Any) -> None: ...
+
+
+# A taskiq task keeps its call site and its argument types.
+
+from taskiq import InMemoryBroker  # noqa: E402
+
+from fastapi_bgplus._store import MemoryStore  # noqa: E402
+from fastapi_bgplus.taskiq import TrackingMiddleware  # noqa: E402
+
+broker = InMemoryBroker().with_middlewares(TrackingMiddleware(MemoryStore(), lease_ttl=10.0))
+
+
+@broker.task
+async def send_email_later(address: str) -> None: ...
+
+
+@app.post("/later")
+async def later(email: str, tasks: BackgroundTasks) -> str:
+    tasks.add_task(send_email_later, 42)  # type: ignore[arg-type]
+    return tasks.add_task(send_email_later, email).task_id
