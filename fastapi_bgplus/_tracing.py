@@ -149,7 +149,6 @@ class SpanObserver:
             span.set_attribute(CANCELLED, True)
         span.end()
 
-
     def task_handed_off(self, handle: TaskHandle) -> None:
         """Sent to a queue: no span here; the worker's continues the trace
         from the context the message carries."""
