@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from blinker import Signal
 
+from ._eventloop import current_library
 from ._handle import (
     DONE,
     TaskHandle,
@@ -220,7 +221,6 @@ _background: set[Any] = set()  # strong references to running asyncio tasks
 
 def _spawn(awaitable: Awaitable[Any]) -> None:
     """Await `awaitable` in a task of its own on the running event loop."""
-    import sniffio
 
     async def deliver() -> None:
         try:
@@ -228,9 +228,8 @@ def _spawn(awaitable: Awaitable[Any]) -> None:
         except Exception:
             logger.exception("An async signal receiver raised; it was skipped")
 
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
+    library = current_library()
+    if library is None:
         # A worker thread (a `def` dependency's exit code): hop to the loop.
         import anyio.from_thread
 

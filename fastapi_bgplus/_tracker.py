@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import sniffio
 from starlette.types import Scope
 
+from ._eventloop import current_library
 from ._handle import TaskHandle, TaskStatus, finished_mono
 from ._lifecycle import Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
@@ -291,7 +291,7 @@ class TaskTracker:
     async def _draining(self) -> AsyncIterator[None]:
         ledger = self._ledger
         ledger.done = ledger.failed = ledger.abandoned = 0
-        self._on_trio = sniffio.current_async_library() == "trio"
+        self._on_trio = current_library() == "trio"
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         async with self._detached_runs():

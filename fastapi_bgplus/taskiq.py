@@ -20,9 +20,9 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-import sniffio
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
+from ._eventloop import current_library
 from ._handle import TaskHandle
 from ._lifecycle import Reporter
 from ._tracker import DEFAULT_HISTORY_TTL
@@ -50,10 +50,7 @@ has a `TrackingMiddleware` (web apps and workers), so a waiting task reads
 
 
 def _on_trio() -> bool:
-    try:
-        return sniffio.current_async_library() == "trio"
-    except sniffio.AsyncLibraryNotFoundError:  # a worker thread (a `def` endpoint)
-        return False
+    return current_library() == "trio"  # None in a worker thread (a `def` endpoint)
 
 
 def runner_for(func: Any) -> _Sender | None:
