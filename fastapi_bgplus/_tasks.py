@@ -20,7 +20,7 @@ from ._handle import PENDING, RUNNING, TaskHandle, callable_name, handed_off
 from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
 from ._tracing import current_observer
-from ._tracker import tracker_of
+from ._tracker import binding_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -139,17 +139,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         runs) tracks its tasks. The FastAPI provider builds them this way."""
         scope = connection if type(connection) is dict else connection.scope  # type: ignore[union-attr]
         tasks = cls()
-        tracker = tracker_of(scope)
-        app = scope.get("app")
-        if tracker is None:
-            tasks._report = Reporter(app)
+        binding = binding_of(scope)
+        if binding is None:
+            tasks._report = Reporter(scope.get("app"))
         else:
-            tasks._report = tracker.reporter(app)
-            tasks._trio = tracker.on_trio
-            if tracker.detach:
-                tasks._spawn = tracker.spawn
+            tasks._report = binding.reporter
+            tasks._trio = binding.trio
+            tasks._spawn = binding.spawn
         if (tracing := current_observer()) is not None:  # a span records: trace each task
-            tasks._report = Reporter(app, (*tasks._report.observers, tracing))
+            report = tasks._report
+            tasks._report = Reporter(report.sender, (*report.observers, tracing))
         return tasks
 
     @property

@@ -41,6 +41,40 @@ def tracker_of(scope: Scope) -> TaskTracker | None:
     return state.get(_STATE_KEY) if state else None
 
 
+class Binding:
+    """What a request's collection takes from its app's tracker: the reporter
+    of the app's tasks, whether it runs on trio, and the detached runner."""
+
+    __slots__ = ("reporter", "spawn", "trio")
+
+    def __init__(
+        self, reporter: Reporter, trio: bool, spawn: Callable[[Callable[[], Any]], bool] | None
+    ) -> None:
+        self.reporter = reporter
+        self.trio = trio
+        self.spawn = spawn
+
+
+def binding_of(scope: Scope) -> Binding | None:
+    """The `Binding` of this request's collection, or `None` without a tracker.
+
+    Built once per app and tracker start, and shared by its requests: this is
+    on every request's path."""
+    state = scope.get("state")
+    tracker: TaskTracker | None = state.get(_STATE_KEY) if state else None
+    if tracker is None:
+        return None
+    binding = tracker._binding
+    app = scope.get("app")
+    if binding is None or binding.reporter.sender is not app:
+        binding = tracker._binding = Binding(
+            Reporter(app, tracker.observers),
+            tracker._on_trio,
+            tracker.spawn if tracker.detach else None,
+        )
+    return binding
+
+
 class _Ledger:
     """The tracker's books: live tasks, the bounded history, counts since
     startup. The `TaskObserver` through which every transition reaches it."""
@@ -73,8 +107,8 @@ class _Ledger:
             history = self.history
             history[handle.task_id] = handle
             if len(history) > self.history_size:
+                # The next oldest expires no sooner: `next_expiry` still holds.
                 history.popitem(last=False)
-                self.next_expiry = -math.inf  # the oldest changed: look again
             now = time.perf_counter()
             if now >= self.next_expiry:
                 self.expire(now)
@@ -182,7 +216,7 @@ class TaskTracker:
         self._ledger = _Ledger(history_size, history_ttl)
         self._serving = False
         self._on_trio = False
-        self._reporter: Reporter | None = None
+        self._binding: Binding | None = None
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -197,19 +231,6 @@ class TaskTracker:
     def history_ttl(self) -> float | None:
         """Seconds a finished handle is kept for `get()`; `None`: no limit."""
         return self._ledger.history_ttl
-
-    @property
-    def on_trio(self) -> bool:
-        """Whether the application it serves runs on trio (else asyncio)."""
-        return self._on_trio
-
-    def reporter(self, app: Any) -> Reporter:
-        """The `Reporter` of `app`'s tasks, to this tracker's observers (one
-        per app, kept: every request of the app shares it)."""
-        reporter = self._reporter
-        if reporter is None or reporter.sender is not app:
-            reporter = self._reporter = Reporter(app, self.observers)
-        return reporter
 
     @property
     def observers(self) -> tuple[TaskObserver, ...]:
@@ -292,6 +313,7 @@ class TaskTracker:
         ledger = self._ledger
         ledger.done = ledger.failed = ledger.abandoned = 0
         self._on_trio = current_library() == "trio"
+        self._binding = None
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         async with self._detached_runs():
