@@ -35,12 +35,6 @@ _STATE_KEY = "fastapi_bgplus.tracker"
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 
-def tracker_of(scope: Scope) -> TaskTracker | None:
-    """The tracker serving the application of this request, if any."""
-    state = scope.get("state")
-    return state.get(_STATE_KEY) if state else None
-
-
 class Binding:
     """What a request's collection takes from its app's tracker: the reporter
     of the app's tasks, whether it runs on trio, and the detached runner."""
@@ -86,7 +80,8 @@ class _Ledger:
         self.history: OrderedDict[str, TaskHandle] = OrderedDict()
         self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
-        self.next_expiry = math.inf  # when the oldest handle in the history expires
+        # When the oldest handle in the history expires; -inf: look at the next insert.
+        self.next_expiry = -math.inf
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
         self.live[handle.task_id] = (handle, run)
