@@ -4,11 +4,13 @@ lifespan hook that drains tasks at shutdown."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from . import signals
 from ._handle import TaskHandle, TaskStatus
 from ._limiter import DEFAULT_THREAD_LIMIT, current_thread_limiter
+from ._store import MemoryStore, TaskStore
 from ._tasks import TrackedBackgroundTasks
 from ._tracker import DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, TaskTracker
 
@@ -17,8 +19,11 @@ __all__ = [
     "DEFAULT_HISTORY_TTL",
     "DEFAULT_THREAD_LIMIT",
     "BackgroundTasks",
+    "MemoryStore",
+    "SQLiteStore",
     "TaskHandle",
     "TaskStatus",
+    "TaskStore",
     "TaskTracker",
     "TrackedBackgroundTasks",
     "current_thread_limiter",
@@ -28,6 +33,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._fastapi import BackgroundTasks, get_background_tasks
+    from ._store_sqlite import SQLiteStore
 else:
     try:
         from ._fastapi import BackgroundTasks, get_background_tasks
@@ -39,3 +45,16 @@ else:
         __all__.remove("get_background_tasks")
 
 __version__ = "0.1.0"
+
+# Stores imported on first use, so that `import fastapi_bgplus` imports
+# neither sqlite3 nor redis.
+_LAZY = {"SQLiteStore": "._store_sqlite", "RedisStore": "._store_redis"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

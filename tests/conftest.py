@@ -8,6 +8,8 @@ from blinker import ANY, Signal
 
 from fastapi_bgplus import signals
 
+from .stores import store  # noqa: F401  # the store contract suite's fixture
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
