@@ -38,10 +38,12 @@ class SQLiteStore:
     processes of one host (``uvicorn --workers N``, gunicorn).
 
     Standard library only. The database runs in WAL mode, so readers never
-    wait for the writer; each process holds one connection, used from one
-    worker thread at a time (never on the event loop, never on the thread
-    limiter of endpoints or tasks). Expired records and leases are purged
-    every `purge_every` seconds. Expiry uses the host's wall clock.
+    wait for writers; each process holds two connections, one that writes and
+    one that reads (so a lookup never queues behind a write waiting for a
+    lock), each used from one worker thread at a time: never on the event
+    loop, never on the thread limiter of endpoints or tasks. Expired records
+    and leases are purged every `purge_every` seconds. Expiry uses the host's
+    wall clock.
 
     Parameters:
         path: The database file; created with its tables if missing. Its
@@ -65,22 +67,25 @@ class SQLiteStore:
         self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
         self.purge_every = purge_every
-        self._connection: sqlite3.Connection | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
+        # Per role ("write", "read"): one connection, and a limiter of one
+        # thread so that it is never used by two threads at once.
+        self._connections: dict[str, sqlite3.Connection] = {}
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._next_purge = 0.0
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
-    async def _call(self, func: Callable[..., T], *args: object) -> T:
-        if self._limiter is None:
-            # One thread at a time: the connection is not shared concurrently.
-            self._limiter = anyio.CapacityLimiter(1)
-        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+    async def _call(self, role: str, func: Callable[..., T], *args: object) -> T:
+        limiter = self._limiters.get(role)
+        if limiter is None:
+            limiter = self._limiters[role] = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(func, role, *args, limiter=limiter)
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is not None:
-            return self._connection
+    def _connect(self, role: str) -> sqlite3.Connection:
+        connection = self._connections.get(role)
+        if connection is not None:
+            return connection
         connection = None
         try:
             connection = sqlite3.connect(
@@ -102,11 +107,11 @@ class SQLiteStore:
                 f" files in it (SQLite adds {os.path.basename(self.path)}-wal and -shm"
                 f" beside it), or pass another path"
             ) from exc
-        self._connection = connection
+        self._connections[role] = connection
         return connection
 
-    def _put(self, records: Sequence[Record], history_ttl: float | None) -> None:
-        connection = self._connect()
+    def _put(self, role: str, records: Sequence[Record], history_ttl: float | None) -> None:
+        connection = self._connect(role)
         now = time.time()
         expires_at = None if history_ttl is None else now + history_ttl
         rows = [
@@ -132,11 +137,11 @@ class SQLiteStore:
                 connection.execute("DELETE FROM bgplus_leases WHERE expires_at <= ?", (now,))
 
     async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
-        await self._call(self._put, records, history_ttl)
+        await self._call("write", self._put, records, history_ttl)
 
-    def _get(self, task_id: str) -> Record | None:
+    def _get(self, role: str, task_id: str) -> Record | None:
         row = (
-            self._connect()
+            self._connect(role)
             .execute("SELECT record, expires_at FROM bgplus_tasks WHERE task_id = ?", (task_id,))
             .fetchone()
         )
@@ -146,33 +151,34 @@ class SQLiteStore:
         return record
 
     async def get(self, task_id: str) -> Record | None:
-        return await self._call(self._get, task_id)
+        return await self._call("read", self._get, task_id)
 
-    def _renew_lease(self, owner: str, ttl: float) -> None:
-        self._connect().execute(
+    def _renew_lease(self, role: str, owner: str, ttl: float) -> None:
+        self._connect(role).execute(
             "INSERT OR REPLACE INTO bgplus_leases (owner, expires_at) VALUES (?, ?)",
             (owner, time.time() + ttl),
         )
 
     async def renew_lease(self, owner: str, ttl: float) -> None:
-        await self._call(self._renew_lease, owner, ttl)
+        await self._call("write", self._renew_lease, owner, ttl)
 
-    def _lease_alive(self, owner: str) -> bool:
+    def _lease_alive(self, role: str, owner: str) -> bool:
         row = (
-            self._connect()
+            self._connect(role)
             .execute("SELECT expires_at FROM bgplus_leases WHERE owner = ?", (owner,))
             .fetchone()
         )
         return row is not None and bool(row[0] > time.time())
 
     async def lease_alive(self, owner: str) -> bool:
-        return await self._call(self._lease_alive, owner)
+        return await self._call("read", self._lease_alive, owner)
 
-    def _close(self) -> None:
-        connection, self._connection = self._connection, None
+    def _close(self, role: str) -> None:
+        connection = self._connections.pop(role, None)
         if connection is not None:
             connection.close()
 
     async def aclose(self) -> None:
-        await self._call(self._close)
-        self._limiter = None
+        for role in list(self._limiters):
+            await self._call(role, self._close)
+        self._limiters.clear()

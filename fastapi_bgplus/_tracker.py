@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -348,6 +349,8 @@ class TaskTracker:
         try:
             await writer.start()
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                await store.aclose()  # what it opened before failing
             raise RuntimeError(
                 f"TaskTracker could not reach its task store {store!r} at startup:"
                 f" {type(exc).__name__}: {exc}"
