@@ -171,7 +171,8 @@ class StoreWriter:
         self.owner = new_owner()
         self.lease_ttl = lease_ttl
         self.history_ttl = history_ttl
-        self.interval = interval
+        # A lease shorter than three intervals would lapse between renewals.
+        self.interval = min(interval, lease_ttl / 3)
         self.max_buffered = max_buffered
         self.warn_every = warn_every
         self._clock = clock
