@@ -255,7 +255,7 @@ class TaskTracker:
             try:
                 record = await self.lookup(task_id)
             except Exception as exc:
-                logger.warning("Task status lookup failed: %r", exc)
+                # Not logged per request: the store's writer already warns, once per window.
                 raise HTTPException(status_code=503, detail="Task store unavailable") from exc
             if record is None:
                 raise HTTPException(status_code=404, detail="Unknown task id")
