@@ -41,10 +41,17 @@ def wait_for_workers(server: Server, count: int) -> set[str]:
     return pids
 
 
+@pytest.fixture(params=["sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of each store the workers share (``BGPLUS_STORE``)."""
+    assert request.param == "sqlite"
+    return f"sqlite://{tmp_path}/tasks.db"
+
+
 def test_every_worker_answers_for_every_task_and_a_killed_workers_task_is_lost(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str
 ) -> None:
-    env = {"BGPLUS_STORE_PATH": str(tmp_path / "tasks.db"), "BGPLUS_LEASE_TTL": str(LEASE_TTL)}
+    env = {"BGPLUS_STORE": store_url, "BGPLUS_LEASE_TTL": str(LEASE_TTL)}
     with uvicorn(
         tmp_path, "--workers", str(WORKERS), app="tests.apps.workers:app", env=env
     ) as server:

@@ -1,5 +1,6 @@
 """An app for `tests/test_workers.py`: uvicorn serves it with several worker
-processes, which share the `SQLiteStore` at ``BGPLUS_STORE_PATH``.
+processes, which share the task store named by ``BGPLUS_STORE``
+(``sqlite:///path/to/tasks.db`` or ``redis://host:port/db``).
 
 ``POST /queue?count=N&seconds=S`` queues N tasks that each sleep S seconds
 and answers their ids; ``POST /fail`` queues one that raises. Every response
@@ -16,12 +17,21 @@ import anyio
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_bgplus import BackgroundTasks, SQLiteStore, TaskTracker
+import fastapi_bgplus
+from fastapi_bgplus import BackgroundTasks, SQLiteStore, TaskStore, TaskTracker
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+
+def store_from_url(url: str) -> TaskStore:
+    if url.startswith("sqlite://"):
+        return SQLiteStore(url.removeprefix("sqlite://"))
+    store: TaskStore = fastapi_bgplus.RedisStore(url)
+    return store
+
+
 tracker = TaskTracker(
-    store=SQLiteStore(os.environ["BGPLUS_STORE_PATH"]),
+    store=store_from_url(os.environ["BGPLUS_STORE"]),
     lease_ttl=float(os.environ.get("BGPLUS_LEASE_TTL", "30")),
     drain_timeout=1.0,
 )
