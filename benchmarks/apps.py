@@ -34,7 +34,6 @@ from starlette.requests import HTTPConnection
 
 import fastapi_bgplus
 from fastapi_bgplus import TrackedBackgroundTasks
-from fastapi_bgplus._fastapi import _new_collection
 
 tracker = fastapi_bgplus.TaskTracker()
 app = FastAPI(lifespan=tracker.lifespan)
@@ -88,6 +87,22 @@ async def with_fastapi(order: Order, tasks: fastapi.BackgroundTasks) -> Receipt:
     return result
 
 
+async def one_plain_dependency() -> int:
+    return 1
+
+
+@app.post("/floor")
+async def with_floor(
+    order: Order,
+    tasks: fastapi.BackgroundTasks,
+    _: Annotated[int, Depends(one_plain_dependency)],
+) -> Receipt:
+    """`/fastapi` plus one plain dependency: the floor of any Depends provider."""
+    result = receipt(order)
+    tasks.add_task(after_fastapi, result.order_id)
+    return result
+
+
 @app.post("/bgplus")
 async def with_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Receipt:
     result = receipt(order)
@@ -99,13 +114,19 @@ async def after_untracked(order_id: int) -> None:
     _ran["untracked"] += 1
 
 
-async def untracked_provider(
-    connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
-) -> TrackedBackgroundTasks:
-    """The shipped provider, with the collection unbound from the tracker, as
-    in an app without the `TaskTracker` lifespan: what tracking costs."""
-    tasks = await fastapi_bgplus.get_background_tasks(connection, fastapi_tasks)
-    tasks._tracker = None
+async def untracked_provider(connection: HTTPConnection) -> TrackedBackgroundTasks:
+    """The shipped provider's mechanism with a collection bound to no tracker,
+    as in an app without the `TaskTracker` lifespan: what tracking costs."""
+    tasks = TrackedBackgroundTasks()
+    request_stack = connection.scope["fastapi_inner_astack"]
+
+    async def end_request(exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        await tasks.end_request(exc)
+
+    async def after_endpoint() -> None:
+        request_stack.push_async_exit(end_request)
+
+    connection.scope["fastapi_function_astack"].push_async_callback(after_endpoint)
     return tasks
 
 
@@ -180,8 +201,11 @@ async def yield_dependency() -> AsyncIterator[int]:
 async def plain_provider(
     connection: HTTPConnection, fastapi_tasks: fastapi.BackgroundTasks
 ) -> TrackedBackgroundTasks:
-    """Our collection from a plain dependency, without the provider's exit hooks."""
-    return _new_collection(connection, fastapi_tasks)
+    """Our collection from a plain dependency, run by FastAPI's own background
+    tasks (the 0.1 mechanism), without exit hooks."""
+    tasks = TrackedBackgroundTasks.for_request(connection)
+    fastapi_tasks.add_task(tasks.run)
+    return tasks
 
 
 async def yield_provider(

@@ -60,7 +60,7 @@ from _common import (
 
 from fastapi_bgplus import TaskTracker
 
-VARIANTS = ("plain", "fastapi", "bgplus", "untracked")
+VARIANTS = ("plain", "fastapi", "floor", "bgplus", "untracked")
 
 ORDER = {
     "customer_email": "ada@example.com",
@@ -196,6 +196,7 @@ def main(rounds: int, duration: float, connections: int) -> None:
     print(f"bgplus / plain   = {rps['bgplus'] / rps['plain']:.3f};")
     print(f"fastapi / plain  = {rps['fastapi'] / rps['plain']:.3f}")
     print(f"untracked / fastapi = {rps['untracked'] / rps['fastapi']:.3f}")
+    print(f"floor / fastapi = {rps['floor'] / rps['fastapi']:.3f} (fastapi + one plain dependency)")
     ran = stats["ran"]
     print(
         f"tasks that ran: {ran['fastapi']:,} fastapi, {ran['bgplus']:,} bgplus,"

@@ -10,7 +10,9 @@ receiver connected.
 Scenarios: async no-op tasks, 1 and 10 per collection (no receivers); the same
 with one sync and one async receiver connected to every signal; sync no-op tasks
 (one thread hop each); async tasks with a `TaskTracker` bound, as the FastAPI
-provider binds it.
+provider binds it; async tasks with options (`@task(timeout=...)`, and
+`@task(attempts=3, retry_on=...)` that never needs a retry), where Starlette
+and FastAPI run the plain function.
 
 Run from the project root::
 
@@ -34,7 +36,7 @@ import fastapi
 from _common import median, print_header, rotated, table
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
-from fastapi_bgplus import TaskTracker, TrackedBackgroundTasks, signals
+from fastapi_bgplus import TaskTracker, TrackedBackgroundTasks, signals, task
 
 Factory = Callable[[], StarletteBackgroundTasks]
 
@@ -45,6 +47,10 @@ async def noop() -> None:
 
 def noop_sync() -> None:
     return None
+
+
+noop_timeout = task(timeout=60.0)(noop)
+noop_retried = task(attempts=3, retry_on=ConnectionError)(noop)
 
 
 def on_signal(sender: Any, **kwargs: Any) -> None:
@@ -82,6 +88,12 @@ class Scenario:
     per_collection: int
     variants: dict[str, Factory]
     context: Callable[[], AbstractContextManager[None]] = nullcontext
+    bgplus_func: Callable[[], Any] | None = None  # what bgplus runs instead of `func`
+
+    def func_of(self, variant: str) -> Callable[[], Any]:
+        if variant == "bgplus" and self.bgplus_func is not None:
+            return self.bgplus_func
+        return self.func
 
 
 async def sample(make: Factory, func: Callable[[], Any], per_collection: int, n: int) -> float:
@@ -108,22 +120,23 @@ async def measure(scenario: Scenario, rounds: int, target_s: float) -> dict[str,
     n = await calibrate(scenario, target_s)
     names = list(scenario.variants)
     for name in names:  # warm up every variant once
-        await sample(scenario.variants[name], scenario.func, scenario.per_collection, n)
+        await sample(scenario.variants[name], scenario.func_of(name), scenario.per_collection, n)
     results: dict[str, list[float]] = {name: [] for name in names}
     for round_no in range(rounds):
         for name in rotated(names, round_no):
-            ns = await sample(scenario.variants[name], scenario.func, scenario.per_collection, n)
+            func = scenario.func_of(name)
+            ns = await sample(scenario.variants[name], func, scenario.per_collection, n)
             results[name].append(ns)
     return {name: median(values) for name, values in results.items()}
 
 
 async def main(rounds: int, target_s: float, only: str) -> None:
     tracker = TaskTracker()
+    state: dict[str, Any] = {}
 
     def bound() -> StarletteBackgroundTasks:
-        tasks = TrackedBackgroundTasks()
-        tasks._tracker = tracker  # what get_background_tasks() does under the lifespan
-        return tasks
+        # What get_background_tasks() does under the lifespan.
+        return TrackedBackgroundTasks.for_request({"type": "http", "state": state})
 
     base: dict[str, Factory] = {
         "starlette": StarletteBackgroundTasks,
@@ -136,9 +149,14 @@ async def main(rounds: int, target_s: float, only: str) -> None:
         Scenario("async no-op, 1 sync + 1 async receiver", noop, 1, base, receivers_connected),
         Scenario("sync no-op (thread hop), 1 task/collection", noop_sync, 1, base),
         Scenario("async no-op, TaskTracker bound", noop, 1, {**base, "bgplus": bound}),
+        Scenario("async no-op, @task(timeout=60.0)", noop, 1, base, bgplus_func=noop_timeout),
+        Scenario(
+            "async no-op, @task(attempts=3, retry_on=...)", noop, 1, base, bgplus_func=noop_retried
+        ),
     ]
     rows = []
-    async with tracker.lifespan(None):
+    async with tracker.lifespan(None) as lifespan_state:
+        state.update(lifespan_state)
         for scenario in scenarios:
             if only not in scenario.name:
                 continue

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from . import signals
 from ._handle import TaskHandle, TaskStatus
 from ._limiter import DEFAULT_THREAD_LIMIT, current_thread_limiter
+from ._options import task
 from ._store import MemoryStore, TaskStore
 from ._tasks import TrackedBackgroundTasks
 from ._tracker import DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, TaskTracker
@@ -29,6 +30,7 @@ __all__ = [
     "current_thread_limiter",
     "get_background_tasks",
     "signals",
+    "task",
 ]
 
 if TYPE_CHECKING:

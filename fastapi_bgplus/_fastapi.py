@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Annotated
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import fastapi
 import fastapi.params
 from fastapi import Depends
+from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
 
 from ._tasks import TrackedBackgroundTasks
@@ -76,10 +77,36 @@ else:  # pragma: no cover  (FastAPI < 0.121)
         except BaseException as exc:
             await tasks.end_request(exc)
             raise
-        await tasks.end_request(None)
+        # FastAPI >= 0.118 (which set this key) exits yield dependencies after
+        # the response. Before, they exit before it is sent: settling here would
+        # run the tasks ahead of the response, so FastAPI's background runs them.
+        if "fastapi_inner_astack" in connection.scope:
+            await tasks.end_request(None)
 
 
-BackgroundTasks = Annotated[TrackedBackgroundTasks, Depends(get_background_tasks)]
+class _NewCollection:
+    """Stands for `TrackedBackgroundTasks` in the runtime annotation.
+
+    FastAPI before 0.128.2 refuses ``Depends`` on a parameter whose type is a
+    Starlette ``BackgroundTasks`` subclass (``AssertionError: Cannot specify
+    Depends for type ...``), so the alias must not name the class itself at
+    runtime. Called, as the alias is, it builds the real collection.
+    """
+
+    __slots__ = ()
+
+    def __new__(  # type: ignore[misc]  # builds a collection, not an instance of this class
+        cls, tasks: Sequence[BackgroundTask] | None = None
+    ) -> TrackedBackgroundTasks:
+        return TrackedBackgroundTasks(tasks)
+
+
+if TYPE_CHECKING:
+    _Collection = TrackedBackgroundTasks
+else:
+    _Collection = _NewCollection
+
+BackgroundTasks = Annotated[_Collection, Depends(get_background_tasks)]
 """The request's background tasks: annotate a parameter with it, or call it.
 
 As a parameter of an endpoint or dependency, it receives the request's

@@ -99,7 +99,10 @@ class TaskHandle:
     )
 
     def __init__(self, name: str) -> None:
-        self.task_id: str = _new_task_id()
+        try:
+            self.task_id: str = _ids.pop()  # `_new_task_id()`, without a call
+        except IndexError:
+            self.task_id = _new_task_id()
         self.name: str = name
         self.status: TaskStatus = PENDING
         self.error: BaseException | None = None

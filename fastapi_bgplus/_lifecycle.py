@@ -1,12 +1,12 @@
 """The one place a task's fate is reported.
 
 Every runner (the in-request loop, a detached run, a taskiq worker) calls
-these functions at each transition; each of them updates the handle, tells
+a `Reporter` at each transition; each of its methods updates the handle, tells
 the observers (tracker, store, tracing), writes the log line and sends the
 blinker signal, in that order. A new observer is a `TaskObserver`; a new
 runner calls these and touches nothing else.
 
-The transitions on the hot path (`started`, `completed`) are plain functions
+The transitions on the hot path (`started`, `completed`) are plain methods
 that return the signal still to be delivered, or `None` when nobody listens:
 an extra coroutine per transition would cost more than the task itself.
 """
@@ -24,17 +24,7 @@ from ._handle import DONE, TaskHandle, TaskStatus, mark_finished, mark_started
 from ._signals import send
 from .signals import task_abandoned, task_completed, task_failed, task_retrying, task_started
 
-__all__ = [
-    "Cancellable",
-    "TaskObserver",
-    "abandoned",
-    "abandoned_now",
-    "completed",
-    "failed",
-    "queued",
-    "retrying",
-    "started",
-]
+__all__ = ["UNBOUND", "Cancellable", "Reporter", "TaskObserver"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -63,149 +53,130 @@ class TaskObserver(Protocol):
         """The task reached its end state (``handle.status``)."""
 
 
-Observers = Sequence[TaskObserver]
+class Reporter:
+    """Reports the transitions of the tasks of one sender (an app, or `None`)
+    to its observers, the log and the blinker signals.
 
+    Runners hold one and call it at each transition; `started` and
+    `completed` return the signal delivery still to await, or `None`.
+    """
 
-def queued(observers: Observers, handle: TaskHandle, run: Cancellable) -> None:
-    for observer in observers:
-        observer.task_queued(handle, run)
+    __slots__ = ("observers", "sender")
 
+    def __init__(self, sender: Any, observers: Sequence[TaskObserver] = ()) -> None:
+        self.sender = sender
+        self.observers = observers
 
-def started(
-    sender: Any, observers: Observers, handle: TaskHandle, func: Callable[..., Any]
-) -> Awaitable[None] | None:
-    mark_started(handle)
-    for observer in observers:
-        observer.task_started(handle)
-    if not task_started.receivers:
-        return None
-    return send(task_started, sender, handle=handle, task_id=handle.task_id, func=func)
+    def queued(self, handle: TaskHandle, run: Cancellable) -> None:
+        for observer in self.observers:
+            observer.task_queued(handle, run)
 
+    def started(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
+        """An attempt begins: running, ``attempts`` + 1, `task_started`."""
+        mark_started(handle)
+        for observer in self.observers:
+            observer.task_started(handle)
+        if not task_started.receivers:
+            return None
+        return send(task_started, self.sender, handle=handle, task_id=handle.task_id, func=func)
 
-def completed(
-    sender: Any, observers: Observers, handle: TaskHandle, func: Callable[..., Any]
-) -> Awaitable[None] | None:
-    mark_finished(handle, DONE)
-    for observer in observers:
-        observer.task_ended(handle)
-    if not task_completed.receivers:
-        return None
-    return send(
-        task_completed,
-        sender,
-        handle=handle,
-        task_id=handle.task_id,
-        func=func,
-        duration_s=handle.duration_s,
-    )
-
-
-async def failed(
-    sender: Any,
-    observers: Observers,
-    handle: TaskHandle,
-    func: Callable[..., Any],
-    error: BaseException,
-) -> None:
-    mark_finished(handle, TaskStatus.FAILED, error)
-    # Never the arguments: they carry addresses, tokens and other personal data.
-    logger.error(
-        "Background task %s (%s) failed after %d attempt(s)",
-        handle.task_id,
-        handle.name,
-        handle.attempts,
-        exc_info=error,
-    )
-    for observer in observers:
-        observer.task_ended(handle)
-    if task_failed.receivers:
-        await send(
-            task_failed,
-            sender,
+    def completed(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
+        mark_finished(handle, DONE)
+        for observer in self.observers:
+            observer.task_ended(handle)
+        if not task_completed.receivers:
+            return None
+        return send(
+            task_completed,
+            self.sender,
             handle=handle,
             task_id=handle.task_id,
             func=func,
             duration_s=handle.duration_s,
-            error=error,
         )
 
+    async def failed(
+        self, handle: TaskHandle, func: Callable[..., Any], error: BaseException
+    ) -> None:
+        mark_finished(handle, TaskStatus.FAILED, error)
+        # Never the arguments: they carry addresses, tokens and other personal data.
+        logger.error("Background task %s (%s) failed", handle.task_id, handle.name, exc_info=error)
+        for observer in self.observers:
+            observer.task_ended(handle)
+        if task_failed.receivers:
+            await send(
+                task_failed,
+                self.sender,
+                handle=handle,
+                task_id=handle.task_id,
+                func=func,
+                duration_s=handle.duration_s,
+                error=error,
+            )
 
-async def retrying(
-    sender: Any,
-    handle: TaskHandle,
-    func: Callable[..., Any],
-    error: BaseException,
-    wait_s: float,
-) -> None:
-    logger.warning(
-        "Background task %s (%s) raised %s on attempt %d; retrying in %.2f s",
-        handle.task_id,
-        handle.name,
-        type(error).__name__,
-        handle.attempts,
-        wait_s,
-    )
-    if task_retrying.receivers:
-        await send(
-            task_retrying,
-            sender,
-            handle=handle,
-            task_id=handle.task_id,
-            func=func,
-            attempt=handle.attempts,
-            error=error,
-            wait_s=wait_s,
+    async def retrying(
+        self, handle: TaskHandle, func: Callable[..., Any], error: BaseException, wait_s: float
+    ) -> None:
+        """Attempt ``handle.attempts`` raised `error`; the next starts in `wait_s` s."""
+        logger.warning(
+            "Background task %s (%s) raised %s on attempt %d; retrying in %.2f s",
+            handle.task_id,
+            handle.name,
+            type(error).__name__,
+            handle.attempts,
+            wait_s,
         )
+        if task_retrying.receivers:
+            await send(
+                task_retrying,
+                self.sender,
+                handle=handle,
+                task_id=handle.task_id,
+                func=func,
+                attempt=handle.attempts,
+                error=error,
+                wait_s=wait_s,
+            )
+
+    def _abandon(self, handle: TaskHandle, reason: str) -> None:
+        mark_finished(handle, TaskStatus.CANCELLED)
+        logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
+        for observer in self.observers:
+            observer.task_ended(handle)
+
+    async def abandoned(self, handle: TaskHandle, func: Callable[..., Any], reason: str) -> None:
+        """It will never run or finish: cancelled, with `reason` (a sentence)."""
+        self._abandon(handle, reason)
+        if task_abandoned.receivers:
+            await send(
+                task_abandoned,
+                self.sender,
+                handle=handle,
+                task_id=handle.task_id,
+                func=func,
+                reason=reason,
+            )
+
+    def abandoned_now(self, handle: TaskHandle, func: Callable[..., Any], reason: str) -> None:
+        """`abandoned`, from synchronous code (`add_task` on a closed collection).
+
+        Sync receivers are called at once; async ones are started in the
+        background of the running event loop (see `_spawn`).
+        """
+        self._abandon(handle, reason)
+        if task_abandoned.receivers:
+            _send_now(
+                task_abandoned,
+                self.sender,
+                handle=handle,
+                task_id=handle.task_id,
+                func=func,
+                reason=reason,
+            )
 
 
-def _abandon(sender: Any, observers: Observers, handle: TaskHandle, reason: str) -> None:
-    mark_finished(handle, TaskStatus.CANCELLED)
-    logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
-    for observer in observers:
-        observer.task_ended(handle)
-
-
-async def abandoned(
-    sender: Any,
-    observers: Observers,
-    handle: TaskHandle,
-    func: Callable[..., Any],
-    reason: str,
-) -> None:
-    _abandon(sender, observers, handle, reason)
-    if task_abandoned.receivers:
-        await send(
-            task_abandoned,
-            sender,
-            handle=handle,
-            task_id=handle.task_id,
-            func=func,
-            reason=reason,
-        )
-
-
-def abandoned_now(
-    sender: Any,
-    observers: Observers,
-    handle: TaskHandle,
-    func: Callable[..., Any],
-    reason: str,
-) -> None:
-    """`abandoned`, from synchronous code (`add_task` on a closed collection).
-
-    Sync receivers are called at once; async ones are started in the
-    background of the running event loop (see `_spawn`).
-    """
-    _abandon(sender, observers, handle, reason)
-    if task_abandoned.receivers:
-        _send_now(
-            task_abandoned,
-            sender,
-            handle=handle,
-            task_id=handle.task_id,
-            func=func,
-            reason=reason,
-        )
+UNBOUND = Reporter(None)
+"""The reporter of a collection that knows no application and no observer."""
 
 
 def _send_now(signal: Signal, sender: Any, **kwargs: Any) -> None:
@@ -244,7 +215,7 @@ def _spawn(awaitable: Awaitable[Any]) -> None:
         try:
             anyio.from_thread.run_sync(_spawn, awaitable)
         except RuntimeError:  # a thread foreign to every event loop
-            if inspect.iscoroutine(awaitable):
+            if inspect.iscoroutine(awaitable):  # pragma: no branch  (else: nothing to close)
                 awaitable.close()
             logger.warning("An async signal receiver was skipped: no event loop to run it on")
         return

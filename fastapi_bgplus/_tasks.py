@@ -4,27 +4,24 @@ import asyncio
 import functools
 import inspect
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 import anyio
 import anyio.to_thread
-import sniffio
 from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from . import _lifecycle as lifecycle
 from ._handle import PENDING, RUNNING, TaskHandle, callable_name
+from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
 from ._tracker import tracker_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-    from ._lifecycle import TaskObserver
 
 __all__ = ["TrackedBackgroundTasks"]
 
@@ -32,6 +29,8 @@ P = ParamSpec("P")
 
 
 _GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+_COROUTINE = inspect.CO_COROUTINE
+_new_task = object.__new__
 
 
 def _check_task_callable(func: Any) -> None:
@@ -98,16 +97,25 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             a handle of its own in `handles`.
     """
 
+    # Defaults on the class: a collection is built per request, and most of
+    # these never change from them.
+    _report: Reporter = UNBOUND
+    _runners: dict[int, TaskRunner] | None = None  # by index, for special tasks
+    _started = False
+    _accepting = True  # neither started nor closed
+    _closed: str | None = None  # why later tasks cannot run, once closed
+    _cancel_reason: str | None = None
+    _host: Any = None  # what `cancel()` cancels while it runs
+    _trio = False  # whether it runs on trio, for `cancel()`
+    # Set by `for_request` in detached mode: hands the run to the tracker.
+    _spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
+
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
         self.tasks: list[BackgroundTask] = []
         self.handles: list[TaskHandle] = []
-        self.app: Any = None
-        self._observers: Sequence[TaskObserver] = ()
-        self._started = False
-        self._closed: str | None = None  # why later tasks cannot run, once closed
-        self._cancel_reason: str | None = None
-        self._host: Any = None  # what `cancel()` cancels while it runs
-        for task in tasks or ():
+        if not tasks:
+            return
+        for task in tasks:
             if not isinstance(task, BackgroundTask):
                 raise TypeError(
                     f"BackgroundTasks(tasks=...) takes starlette BackgroundTask"
@@ -126,13 +134,23 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """A collection for this request's application: its signals are sent
         with the app as sender, and the app's `TaskTracker` (if its lifespan
         runs) tracks its tasks. The FastAPI provider builds them this way."""
-        scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+        scope = connection if type(connection) is dict else connection.scope  # type: ignore[union-attr]
         tasks = cls()
-        tasks.app = scope.get("app")
         tracker = tracker_of(scope)
-        if tracker is not None:
-            tasks._observers = tracker.observers
+        if tracker is None:
+            tasks._report = Reporter(scope.get("app"))
+        else:
+            tasks._report = tracker.reporter(scope.get("app"))
+            tasks._trio = tracker.on_trio
+            if tracker.detach:
+                tasks._spawn = tracker.spawn
         return tasks
+
+    @property
+    def app(self) -> Any:
+        """The application whose tasks these are (the sender of their
+        signals), or `None` for a collection built by hand."""
+        return self._report.sender
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.tasks)} task(s)>"
@@ -149,11 +167,34 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         abandoned), the handle returned has already ended ``cancelled``,
         with a `task_abandoned` signal and a WARNING that say why.
         """
+        if self._accepting and type(func) is FunctionType:
+            # The common case, in one screen: a plain function on an open
+            # collection. BackgroundTask(func, ...) is built without its
+            # general (and, per task, costly) check for an async callable.
+            flags = func.__code__.co_flags
+            if not flags & _GENERATOR_FLAGS:
+                # Starlette types its fields with its own ParamSpec: as Any.
+                loose_args: Any = args
+                loose_kwargs: Any = kwargs
+                task = _new_task(BackgroundTask)
+                task.func = func
+                task.args = loose_args
+                task.kwargs = loose_kwargs
+                task.is_async = bool(flags & _COROUTINE)
+                module = func.__module__
+                handle = TaskHandle(
+                    f"{module}.{func.__qualname__}" if module else callable_name(func)
+                )
+                self.tasks.append(task)
+                self.handles.append(handle)
+                if self._report.observers:
+                    self._report.queued(handle, self)
+                return handle
         _check_task_callable(func)
         if self._closed is not None:
             handle = TaskHandle(callable_name(func))
-            lifecycle.queued(self._observers, handle, self)
-            lifecycle.abandoned_now(self.app, self._observers, handle, func, self._closed)
+            self._report.queued(handle, self)
+            self._report.abandoned_now(handle, func, self._closed)
             return handle
         if self._started:
             raise RuntimeError(
@@ -164,11 +205,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         return self._queue(BackgroundTask(func, *args, **kwargs))
 
     def _queue(self, task: BackgroundTask) -> TaskHandle:
-        handle = TaskHandle(callable_name(task.func))
+        func = task.func
+        handle = TaskHandle(callable_name(func))
+        if type(func) is not FunctionType and (runner := _runner_for(func)) is not None:
+            if self._runners is None:
+                self._runners = {}
+            self._runners[len(self.tasks)] = runner
         self.tasks.append(task)
         self.handles.append(handle)
-        if self._observers:
-            lifecycle.queued(self._observers, handle, self)
+        if self._report.observers:
+            self._report.queued(handle, self)
         return handle
 
     async def run(self) -> None:
@@ -185,10 +231,33 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 " collection runs once; build a new BackgroundTasks() for more work"
             )
         self._started = True
-        if not self._observers:
+        self._accepting = False
+        await self._run()
+
+    async def _run(self) -> None:
+        if not self._report.observers:
             await self._run_tasks()  # nothing can cut it off: no need to prepare for it
+        elif self._trio:
+            await _run_in_trio_scope(self)
         else:
-            await _run_cancellable(self)
+            # Not an anyio `CancelScope`: on asyncio, creating and entering one
+            # costs more than the rest of a request's tracking together. The
+            # host task is recorded instead, and cancelled only if the drain
+            # has to (`cancel()`), which takes back its own cancellation here.
+            self._host = host = asyncio.current_task()
+            try:
+                await self._run_tasks()
+            except asyncio.CancelledError:
+                if self._cancel_reason is None:
+                    raise  # not ours
+                uncancel = getattr(host, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None and uncancel():
+                    raise  # cancelled by someone else as well
+            finally:
+                self._host = None
+                for handle in self.handles:
+                    if handle.error is not None:
+                        _forget_arguments(handle.error)
 
     # `await tasks()` is `await tasks.run()`, without a coroutine in between.
     __call__ = run
@@ -197,12 +266,24 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """Settle the collection at the end of its request, and close it.
 
         If the request succeeded, its tasks run now (unless they already ran,
-        as a response's background); if it failed with `error`, each ends
+        as a response's background), or in detached mode
+        (``TaskTracker(detach=True)``) start in the tracker's task group and
+        this returns at once; if it failed with `error`, each ends
         ``cancelled``. Either way the collection is closed: a task added to it
         later ends ``cancelled`` at once, loudly, and is never left pending.
         """
         if error is None:
             if not self._started:
+                spawn = self._spawn
+                if spawn is not None and spawn(self._run):
+                    # Started from now on: nothing else may run it (FastAPI's
+                    # own background, on versions without exit stacks).
+                    self._started = True
+                    self._close(
+                        "it was queued after the request's background tasks had been"
+                        " handed to the TaskTracker to run detached (detach=True)"
+                    )
+                    return
                 await self.run()
             self._close("it was queued after the request's background tasks had run")
         else:
@@ -216,6 +297,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     def _close(self, reason: str) -> None:
         self._closed = reason
+        self._accepting = False
 
     async def cancel(self, reason: str) -> None:
         """Cut the collection off: every unfinished task ends ``cancelled`` with
@@ -231,9 +313,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             await self._abandon(reason)
 
     async def _run_tasks(self) -> None:
-        sender = self.app
-        observers = self._observers
+        report = self._report
         tasks = self.tasks
+        runners = self._runners
         try:
             # Not zip(): with strict=True, which linters ask for, it costs as
             # much as a no-op task on Python 3.11.
@@ -241,21 +323,22 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 if handle.status is not PENDING:
                     continue  # abandoned before the collection ran
                 task = tasks[index]
+                if runners is not None and (runner := runners.get(index)) is not None:
+                    await runner(report, handle, task)
+                    continue
                 func = task.func
                 try:
-                    if (signal := lifecycle.started(sender, observers, handle, func)) is not None:
+                    if (signal := report.started(handle, func)) is not None:
                         await signal
                     if task.is_async:
                         await func(*task.args, **task.kwargs)
                     else:
-                        await _run_sync(task)
+                        await run_sync(task)
                 except Exception as exc:
                     if handle.status is RUNNING:  # not reported lost meanwhile
-                        await lifecycle.failed(sender, observers, handle, func, exc)
+                        await report.failed(handle, func, exc)
                 else:
-                    if handle.status is RUNNING and (
-                        signal := lifecycle.completed(sender, observers, handle, func)
-                    ):
+                    if handle.status is RUNNING and (signal := report.completed(handle, func)):
                         await signal
         except BaseException:
             # Cancelled in a task, or in a receiver awaited between tasks:
@@ -274,7 +357,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 reason = f"{cause}; it was cut off while running"
             else:
                 reason = f"{cause}; it never started"
-            await lifecycle.abandoned(self.app, self._observers, handle, task.func, reason)
+            await self._report.abandoned(handle, task.func, reason)
 
 
 _CANCELLED = (
@@ -284,50 +367,53 @@ _CANCELLED = (
 )
 
 
-async def _run_cancellable(tasks: TrackedBackgroundTasks) -> None:
-    """Run `tasks` so that `tasks.cancel()` can cut it off.
+async def _run_in_trio_scope(tasks: TrackedBackgroundTasks) -> None:
+    """`run()` on trio, where a native cancel scope is cheap."""
+    import trio
 
-    Not an anyio `CancelScope`: on asyncio, creating and entering one costs
-    more than the rest of a request's tracking together. The host task is
-    recorded instead and cancelled natively, only if the drain has to; on
-    trio, its own cancel scope is as cheap.
-    """
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        with trio.CancelScope() as scope:
-            tasks._host = scope
-            try:
-                await tasks._run_tasks()
-            finally:
-                tasks._host = None
-                _forget_arguments(tasks.handles)
-        return
-    task = asyncio.current_task()
-    tasks._host = task
-    try:
-        await tasks._run_tasks()
-    except asyncio.CancelledError:
-        if tasks._cancel_reason is None:
-            raise  # not ours
-        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
-        if uncancel is not None and uncancel():
-            raise  # cancelled by someone else as well
-    finally:
-        tasks._host = None
-        _forget_arguments(tasks.handles)
+    with trio.CancelScope() as scope:
+        tasks._host = scope
+        try:
+            await tasks._run_tasks()
+        finally:
+            tasks._host = None
+            for handle in tasks.handles:
+                if handle.error is not None:
+                    _forget_arguments(handle.error)
 
 
-def _forget_arguments(handles: list[TaskHandle]) -> None:
+def _forget_arguments(error: BaseException) -> None:
     """A tracked collection has run: a failed handle keeps its exception and
     traceback, but the tracker's history must not keep the request's
     arguments alive through the frames' locals."""
-    for handle in handles:
-        if handle.error is not None:
-            traceback.clear_frames(handle.error.__traceback__)
+    traceback.clear_frames(error.__traceback__)
 
 
-async def _run_sync(task: BackgroundTask) -> None:
+class TaskRunner(Protocol):
+    """Runs one special task (one with options, or one sent to a queue) in
+    place of the run loop's plain call, reporting each transition itself."""
+
+    async def __call__(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
+        """Run `task`, whose handle is `handle`, through `report`; raise only
+        what is not the task's own failure (cancellation)."""
+
+
+def _runner_for(func: Any) -> TaskRunner | None:
+    """The runner of a special task, or `None` for a plain one."""
+    # On the type: a Mock or a proxy answers any attribute of its instances.
+    make = getattr(type(func), "bgplus_runner", None)
+    return make(func) if make is not None else None
+
+
+async def call(task: BackgroundTask) -> None:
+    """Call a task the plain way: awaited, or in a worker thread."""
+    if task.is_async:
+        await task.func(*task.args, **task.kwargs)
+    else:
+        await run_sync(task)
+
+
+async def run_sync(task: BackgroundTask) -> None:
     def call() -> tuple[Any]:
         # Boxed, because trio fails a thread that returns a coroutine, and
         # `add_task(lambda: send(x))` must work the same on both backends.

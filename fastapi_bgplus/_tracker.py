@@ -6,15 +6,17 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
+import sniffio
 from starlette.types import Scope
 
 from ._handle import TaskHandle, TaskStatus, finished_mono
-from ._lifecycle import Cancellable, TaskObserver
+from ._lifecycle import Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
 from ._store import STORE_METHODS, UNFINISHED, StoreWriter
 
@@ -34,7 +36,7 @@ DEFAULT_HISTORY_TTL = 3600.0
 """Seconds a finished handle stays available for lookup, by default."""
 
 _STATE_KEY = "fastapi_bgplus.tracker"
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
+_TASK_ID = re.compile(r"[0-9a-f]{32}")  # as the status route checks it
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -54,8 +56,9 @@ class _Ledger:
         self.history_ttl = history_ttl
         self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
         self.history: OrderedDict[str, TaskHandle] = OrderedDict()
-        self.counts = dict.fromkeys(_END_STATES, 0)
+        self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
+        self.next_expiry = math.inf  # when the oldest handle in the history expires
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
         self.live[handle.task_id] = (handle, run)
@@ -65,13 +68,22 @@ class _Ledger:
 
     def task_ended(self, handle: TaskHandle) -> None:
         self.live.pop(handle.task_id, None)
-        self.counts[handle.status] += 1
+        status = handle.status  # by identity: hashing an enum member is slow
+        if status is DONE:
+            self.done += 1
+        elif status is FAILED:
+            self.failed += 1
+        else:
+            self.abandoned += 1
         if self.history_size:
             history = self.history
             history[handle.task_id] = handle
             if len(history) > self.history_size:
                 history.popitem(last=False)
-            self.expire(time.perf_counter())
+                self.next_expiry = -math.inf  # the oldest changed: look again
+            now = time.perf_counter()
+            if now >= self.next_expiry:
+                self.expire(now)
         if self.idle is not None and not self.live:
             self.idle.set()
 
@@ -84,19 +96,24 @@ class _Ledger:
 
     def expire(self, now: float) -> None:
         """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
-        if self.history_ttl is None:
-            return
-        deadline = now - self.history_ttl
         history = self.history
+        ttl = self.history_ttl
+        if ttl is None:
+            self.next_expiry = math.inf
+            return
         while history:
             # Handles enter the history as they finish, so the oldest is first.
-            oldest = next(iter(history.values()))
-            if finished_mono(oldest) >= deadline:  # type: ignore[operator]
-                break
+            oldest = finished_mono(next(iter(history.values())))
+            assert oldest is not None
+            if oldest + ttl > now:
+                self.next_expiry = oldest + ttl
+                return
             history.popitem(last=False)
+        self.next_expiry = -math.inf  # empty: the next handle sets it
 
 
-_END_STATES = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
+DONE = TaskStatus.DONE
+FAILED = TaskStatus.FAILED
 
 
 class TaskTracker:
@@ -128,6 +145,11 @@ class TaskTracker:
         lease_ttl: Seconds this process's lease in the store lasts; it is
             renewed every third of that. Once it has lapsed (the process was
             killed), its unfinished tasks answer status ``"lost"``.
+        detach: Detached mode: once a request is done, its tasks are handed to
+            the tracker's own task group and the request ends at once, so the
+            server no longer counts background work as a request in flight;
+            the drain (`drain_timeout`) alone governs shutdown. The price: the
+            request's `yield` dependencies have exited before its tasks run.
 
     Raises `ValueError` for an argument out of its range, saying what is valid,
     and `TypeError` for a store that lacks methods of the `TaskStore` protocol.
@@ -144,6 +166,7 @@ class TaskTracker:
         thread_limit: int | None = None,
         store: TaskStore | None = None,
         lease_ttl: float = 30.0,
+        detach: bool = False,
     ) -> None:
         if not _is_seconds(drain_timeout):
             raise ValueError(
@@ -162,6 +185,8 @@ class TaskTracker:
             )
         if thread_limit is not None and not _is_count(thread_limit, 1):
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
+        if not isinstance(detach, bool):
+            raise ValueError(f"detach must be True or False, got {detach!r}")
         if not (_is_seconds(lease_ttl) and 0 < lease_ttl < math.inf):
             raise ValueError(f"lease_ttl must be a number of seconds > 0, got {lease_ttl!r}")
         if store is not None:
@@ -173,11 +198,15 @@ class TaskTracker:
                 )
         self.drain_timeout = drain_timeout
         self.thread_limit = thread_limit
+        self.detach = detach
         self.store = store
         self.lease_ttl = lease_ttl
+        self._task_group: anyio.abc.TaskGroup | None = None  # detached runs, while serving
         self._ledger = _Ledger(history_size, history_ttl)
         self._observers: tuple[TaskObserver, ...] = (self._ledger,)
         self._serving = False
+        self._on_trio = False
+        self._reporter: Reporter | None = None
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -192,6 +221,19 @@ class TaskTracker:
     def history_ttl(self) -> float | None:
         """Seconds a finished handle is kept for `get()`; `None`: no limit."""
         return self._ledger.history_ttl
+
+    @property
+    def on_trio(self) -> bool:
+        """Whether the application it serves runs on trio (else asyncio)."""
+        return self._on_trio
+
+    def reporter(self, app: Any) -> Reporter:
+        """The `Reporter` of `app`'s tasks, to this tracker's observers (one
+        per app, kept: every request of the app shares it)."""
+        reporter = self._reporter
+        if reporter is None or reporter.sender is not app:
+            reporter = self._reporter = Reporter(app, self.observers)
+        return reporter
 
     @property
     def observers(self) -> tuple[TaskObserver, ...]:
@@ -242,26 +284,23 @@ class TaskTracker:
         """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
 
         It answers from `lookup()`: with a store, for the tasks of every
-        process sharing it. Unknown, expired or malformed ids get `404`; `503`
-        if the store cannot be reached. Keyword arguments go to
-        `fastapi.APIRouter` (``tags=``, ``dependencies=`` for auth, ...).
+        process sharing it. Unknown, expired or malformed ids get `404`, and
+        `503` if the store cannot be reached; OpenAPI documents the record's
+        fields. Keyword arguments go to `fastapi.APIRouter` (``tags=``,
+        ``dependencies=`` for auth, ...).
         """
-        from fastapi import APIRouter, HTTPException
+        from fastapi import HTTPException
 
-        router = APIRouter(prefix=prefix, **kwargs)
+        from ._router import status_router
 
-        @router.get("/{task_id}", summary="Status of a background task")
-        async def task_status(task_id: str) -> dict[str, Any]:
+        async def lookup(task_id: str) -> dict[str, Any] | None:
             try:
-                record = await self.lookup(task_id)
+                return await self.lookup(task_id)
             except Exception as exc:
-                # Not logged per request: the store's writer already warns, once per window.
+                # Not logged per request: the store's writer warns, once per window.
                 raise HTTPException(status_code=503, detail="Task store unavailable") from exc
-            if record is None:
-                raise HTTPException(status_code=404, detail="Unknown task id")
-            return record
 
-        return router
+        return status_router(lookup, prefix, **kwargs)
 
     # Lifespan
 
@@ -310,39 +349,41 @@ class TaskTracker:
     @asynccontextmanager
     async def _draining(self) -> AsyncIterator[None]:
         ledger = self._ledger
-        ledger.counts = dict.fromkeys(_END_STATES, 0)
+        ledger.done = ledger.failed = ledger.abandoned = 0
+        self._on_trio = sniffio.current_async_library() == "trio"
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
-        if self.store is None:
-            try:
-                yield
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self._drain()
-            return
-        writer = await self._start_writer(self.store)
-        error: BaseException | None = None
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(writer.run)
+        async with self._detached_runs():
+            if self.store is None:
                 try:
                     yield
-                except BaseException as exc:
-                    # Raised again below, as it is: from inside the task group
-                    # it would come out wrapped in an exception group.
-                    error = exc
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._drain()
-                    group.cancel_scope.cancel()
-            if error is not None:
-                raise error
-        finally:
-            # The tasks are drained and the loop has stopped: write the last
-            # records (those of tasks cut off included), within a bound.
-            with anyio.CancelScope(shield=True):
-                await writer.close()
-            self._observers = (ledger,)
+                return
+            writer = await self._start_writer(self.store)
+            error: BaseException | None = None
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(writer.run)
+                    try:
+                        yield
+                    except BaseException as exc:
+                        # Raised again below, as it is: from inside the task
+                        # group it would come out wrapped in an exception group.
+                        error = exc
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await self._drain()
+                        group.cancel_scope.cancel()
+                if error is not None:
+                    raise error
+            finally:
+                # The tasks are drained and the loop has stopped: write the
+                # last records (those of tasks cut off included), within a bound.
+                with anyio.CancelScope(shield=True):
+                    await writer.close()
+                self._set_observers((ledger,))
 
     async def _start_writer(self, store: TaskStore) -> StoreWriter:
         writer = StoreWriter(store, lease_ttl=self.lease_ttl, history_ttl=self._ledger.history_ttl)
@@ -355,8 +396,41 @@ class TaskTracker:
                 f"TaskTracker could not reach its task store {store!r} at startup:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
-        self._observers = (self._ledger, writer)
+        self._set_observers((self._ledger, writer))
         return writer
+
+    def _set_observers(self, observers: tuple[TaskObserver, ...]) -> None:
+        self._observers = observers
+        self._reporter = None  # it holds the observers it was built with
+
+    # Detached mode
+
+    @asynccontextmanager
+    async def _detached_runs(self) -> AsyncIterator[None]:
+        """With ``detach=True``, the task group of the requests' detached runs,
+        open from startup until the drain is over."""
+        if not self.detach:
+            yield
+            return
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            try:
+                yield
+            finally:
+                self._task_group = None
+                # The drain has ended every run or reported it lost; one that
+                # ignored its cancellation must not hold the shutdown up.
+                task_group.cancel_scope.cancel()
+
+    def spawn(self, run: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
+        """Start `run` in the tracker's task group (detached mode), in a copy
+        of the caller's context; `False` if there is none (not serving, or
+        ``detach=False``). A request's collection hands itself over this way."""
+        task_group = self._task_group
+        if task_group is None:
+            return False
+        task_group.start_soon(run)
+        return True
 
     async def _drain(self) -> None:
         ledger = self._ledger
@@ -373,16 +447,15 @@ class TaskTracker:
             await self._cut_off(
                 f"the application shut down and drain_timeout ({self.drain_timeout} s) ran out"
             )
-        counts = ledger.counts
         logger.log(
-            logging.WARNING if counts[TaskStatus.CANCELLED] else logging.INFO,
+            logging.WARNING if ledger.abandoned else logging.INFO,
             "Background tasks drained in %.2f s (%d in flight at shutdown);"
             " since startup: %d done, %d failed, %d abandoned",
             time.perf_counter() - started,
             in_flight,
-            counts[TaskStatus.DONE],
-            counts[TaskStatus.FAILED],
-            counts[TaskStatus.CANCELLED],
+            ledger.done,
+            ledger.failed,
+            ledger.abandoned,
         )
 
     async def _wait_idle(self, seconds: float) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx2
@@ -127,3 +128,18 @@ def queue(server: Server, names: list[str], seconds: float) -> dict[str, dict[st
 
 def markers(tmp_path: Path) -> set[str]:
     return {path.name for path in (tmp_path / "markers").iterdir()}
+
+
+@contextmanager
+def gunicorn(tmp_path: Path, *args: str) -> Iterator[Server]:
+    """gunicorn with one uvicorn worker (``uvicorn_worker.UvicornWorker``, from
+    the uvicorn-worker package; uvicorn's own ``uvicorn.workers`` is deprecated)
+    serving the shutdown app, with `args` added to its command line."""
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", APP, "--bind", f"127.0.0.1:{port}"]
+    command += ["--workers", "1", "--worker-class", "uvicorn_worker.UvicornWorker", *args]
+    if int(version("gunicorn").split(".")[0]) >= 27:
+        # Its control socket has one path per user: tests run side by side.
+        command.append("--no-control-socket")
+    with serve(tmp_path, command, f"http://127.0.0.1:{port}") as server:
+        yield server

@@ -1,14 +1,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
+import anyio
+import fastapi
+import httpx2
 import pytest
 from blinker import ANY, Signal
+from fastapi.testclient import TestClient
+from starlette.types import ASGIApp
 
 from fastapi_bgplus import signals
 
 from .stores import store  # noqa: F401  # the store contract suite's fixture
+
+FASTAPI = tuple(int(part) for part in fastapi.__version__.split(".")[:3])
+"""The installed FastAPI's version, e.g. ``(0, 128, 2)``, for `skipif` on older
+ones; scripts/matrix runs the suite on them."""
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -29,6 +38,7 @@ SIGNALS = (
     signals.task_completed,
     signals.task_failed,
     signals.task_abandoned,
+    signals.task_retrying,
 )
 
 
@@ -67,3 +77,35 @@ def sent(connect: Callable[..., None]) -> list[Sent]:
 
         connect(signal, receiver)
     return heard
+
+
+class Call(Protocol):
+    def __call__(
+        self, app: ASGIApp, method: str, path: str, *, raise_server_exceptions: bool = True
+    ) -> httpx2.Response: ...
+
+
+@pytest.fixture(params=["testclient", "httpx"])
+def call(request: pytest.FixtureRequest, anyio_backend: Literal["asyncio", "trio"]) -> Call:
+    """Send one request to an app through the chosen client, on the chosen backend."""
+    via: str = request.param
+
+    def call(
+        app: ASGIApp, method: str, path: str, *, raise_server_exceptions: bool = True
+    ) -> httpx2.Response:
+        if via == "testclient":
+            with TestClient(
+                app, backend=anyio_backend, raise_server_exceptions=raise_server_exceptions
+            ) as client:
+                return client.request(method, path)
+
+        async def send() -> httpx2.Response:
+            transport = httpx2.ASGITransport(app=app, raise_app_exceptions=raise_server_exceptions)
+            async with httpx2.AsyncClient(
+                transport=transport, base_url="http://testserver"
+            ) as client:
+                return await client.request(method, path)
+
+        return anyio.run(send, backend=anyio_backend)
+
+    return call

@@ -7,6 +7,7 @@ import functools
 import gc
 import inspect
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +30,7 @@ from starlette.testclient import TestClient
 from fastapi_bgplus import (
     DEFAULT_THREAD_LIMIT,
     BackgroundTasks,
+    TaskTracker,
     TrackedBackgroundTasks,
     current_thread_limiter,
 )
@@ -431,8 +433,9 @@ async def test_task_arguments_are_never_logged(caplog: pytest.LogCaptureFixture)
 # Cancellation
 
 
+@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "tracked"])
 async def test_cancelling_the_runner_abandons_the_running_and_queued_tasks(
-    caplog: pytest.LogCaptureFixture, sent: list[Sent]
+    tracked: bool, caplog: pytest.LogCaptureFixture, sent: list[Sent]
 ) -> None:
     runner = anyio.CancelScope()
 
@@ -440,28 +443,101 @@ async def test_cancelling_the_runner_abandons_the_running_and_queued_tasks(
         runner.cancel()
         await anyio.sleep_forever()
 
-    tasks = BackgroundTasks()
-    done = tasks.add_task(write_audit, "before")
-    running = tasks.add_task(cancel_the_runner)
-    queued = [tasks.add_task(send_email, "q@example.com"), tasks.add_task(write_audit, "never")]
-    with runner:
-        await tasks.run()
-    assert runner.cancelled_caught
-    assert calls == [("write_audit", ("before", "info"))]
-    assert done.status == "done"
-    assert [handle.status for handle in (running, *queued)] == ["cancelled"] * 3
-    assert running.started_at is not None
-    assert all(handle.started_at is None for handle in queued)
+    async with TaskTracker().lifespan(None) as state:
+        scope = {"type": "http", "state": dict(state)}
+        tasks = TrackedBackgroundTasks.for_request(scope) if tracked else BackgroundTasks()
+        done = tasks.add_task(write_audit, "before")
+        running = tasks.add_task(cancel_the_runner)
+        queued = [tasks.add_task(send_email, "q@example.com"), tasks.add_task(write_audit, "never")]
+        with runner:
+            await tasks.run()
+        assert runner.cancelled_caught
+        assert calls == [("write_audit", ("before", "info"))]
+        assert done.status == "done"
+        assert [handle.status for handle in (running, *queued)] == ["cancelled"] * 3
+        assert running.started_at is not None
+        assert all(handle.started_at is None for handle in queued)
 
-    abandoned = [event for event in sent if event.signal == "task_abandoned"]
-    assert [event.kwargs["handle"] for event in abandoned] == [running, *queued]
-    assert "cut off while running" in abandoned[0].kwargs["reason"]
-    assert all("never started" in event.kwargs["reason"] for event in abandoned[1:])
-    warnings_logged = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert [r.name for r in warnings_logged] == ["fastapi_bgplus"] * 3
-    for record, handle in zip(warnings_logged, (running, *queued), strict=True):
-        assert handle.task_id in record.getMessage()
-        assert handle.name in record.getMessage()
+        abandoned = [event for event in sent if event.signal == "task_abandoned"]
+        assert [event.kwargs["handle"] for event in abandoned] == [running, *queued]
+        assert "cut off while running" in abandoned[0].kwargs["reason"]
+        assert all("never started" in event.kwargs["reason"] for event in abandoned[1:])
+        warnings_logged = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert [r.name for r in warnings_logged] == ["fastapi_bgplus"] * 3
+        for record, handle in zip(warnings_logged, (running, *queued), strict=True):
+            assert handle.task_id in record.getMessage()
+            assert handle.name in record.getMessage()
+
+
+async def test_a_cut_off_at_the_same_time_as_another_cancel_still_propagates(
+    sent: list[Sent],
+) -> None:
+    """The drain's cut-off is swallowed where the collection runs; a caller's
+    cancellation that lands with it is not lost."""
+    outer = anyio.CancelScope()
+    started = anyio.Event()
+
+    async def wait_forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with TaskTracker().lifespan(None) as state:
+        tasks = TrackedBackgroundTasks.for_request({"type": "http", "state": dict(state)})
+        handles = [tasks.add_task(wait_forever), tasks.add_task(write_audit, "never")]
+
+        async def cut_off_and_cancel() -> None:
+            await started.wait()
+            await tasks.cancel("the drain cut it off")
+            outer.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cut_off_and_cancel)
+            with outer:
+                await tasks.run()
+                # Level-triggered: at the latest, the next checkpoint raises.
+                await anyio.lowlevel.checkpoint()
+                raise AssertionError("the caller's cancellation was swallowed")  # pragma: no cover
+        assert outer.cancelled_caught
+    assert [handle.status for handle in handles] == ["cancelled", "cancelled"]
+    reasons = [e.kwargs["reason"] for e in sent if e.signal == "task_abandoned"]
+    assert reasons == [
+        "the drain cut it off; it was cut off while running",
+        "the drain cut it off; it never started",
+    ]
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Task.uncancel() is Python 3.11+; 3.10 has no count"
+)
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's own Task.cancel()
+async def test_a_native_cancel_with_the_cut_off_propagates() -> None:
+    """On asyncio the cut-off cancels the host task natively and takes back
+    only its own cancellation (`Task.uncancel`): one more propagates."""
+    import asyncio
+
+    started = anyio.Event()
+
+    async def wait_forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    host = asyncio.current_task()
+    assert host is not None
+    async with TaskTracker().lifespan(None) as state:
+        tasks = TrackedBackgroundTasks.for_request({"type": "http", "state": dict(state)})
+        handle = tasks.add_task(wait_forever)
+
+        async def cut_off_and_cancel() -> None:
+            await started.wait()
+            await tasks.cancel("the drain cut it off")
+            host.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cut_off_and_cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await tasks.run()
+            host.uncancel()
+    assert handle.status == "cancelled"
 
 
 async def test_a_deadline_on_the_runner_abandons_the_tasks_and_propagates(

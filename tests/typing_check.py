@@ -27,6 +27,7 @@ from fastapi_bgplus import (
     TrackedBackgroundTasks,
     current_thread_limiter,
     signals,
+    task,
 )
 
 app = FastAPI(lifespan=TaskTracker(drain_timeout=5.0).lifespan)
@@ -36,6 +37,34 @@ async def send_email(address: str, *, subject: str = "Welcome") -> None: ...
 
 
 def write_audit(entry: str, level: int) -> None: ...
+
+
+@task(timeout=10.0, attempts=3, retry_on=(ConnectionError, TimeoutError))
+async def deliver_webhook(url: str, *, retries_left: int = 3) -> bool:
+    return True
+
+
+@task(timeout=5)
+def render_report(report_id: int) -> str:
+    return str(report_id)
+
+
+@task(retry_on=ConnectionError, attempts=2)
+async def ping(url: str) -> None: ...
+
+
+@app.post("/hooks")
+async def hooks(url: str, tasks: BackgroundTasks) -> dict[str, str]:
+    handle: TaskHandle = tasks.add_task(deliver_webhook, url, retries_left=1)
+    tasks.add_task(render_report, 7)
+    tasks.add_task(ping, url)
+    tasks.add_task(deliver_webhook, 42)  # type: ignore[arg-type]
+    tasks.add_task(render_report)  # type: ignore[call-arg]
+    delivered: bool = await deliver_webhook(url)  # calling it directly: the plain function
+    text: str = render_report(7)
+    render_report("7")  # type: ignore[arg-type]
+    print(delivered, text, deliver_webhook.__name__)
+    return {"task_id": handle.task_id}
 
 
 @app.post("/users")

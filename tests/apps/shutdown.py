@@ -4,7 +4,8 @@
 one first with ``sync_first=true``) that each sleep `S` seconds, then write a
 marker file ``N-async`` / ``N-sync`` in the directory named by
 ``BGPLUS_MARKERS``; it answers with their ids by function name. The drain timeout comes from
-``BGPLUS_DRAIN_TIMEOUT``. The package's log lines go to stderr.
+``BGPLUS_DRAIN_TIMEOUT``; ``BGPLUS_DETACH=1`` turns detached mode on. The package's log lines
+go to stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 
 MARKERS = Path(os.environ["BGPLUS_MARKERS"])
 
-tracker = TaskTracker(drain_timeout=float(os.environ.get("BGPLUS_DRAIN_TIMEOUT", "30")))
+tracker = TaskTracker(
+    drain_timeout=float(os.environ.get("BGPLUS_DRAIN_TIMEOUT", "30")),
+    detach=os.environ.get("BGPLUS_DETACH") == "1",
+)
 app = FastAPI(lifespan=tracker.lifespan)
 
 

@@ -1,0 +1,85 @@
+"""The status route on its own (`status_router`), and what `/docs` shows of it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from fastapi_bgplus import TaskTracker
+from fastapi_bgplus._router import status_router
+
+RECORD_FIELDS = [
+    "task_id",
+    "name",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "error",
+]
+
+
+def test_openapi_documents_the_record_and_the_404() -> None:
+    app = FastAPI()
+    app.include_router(TaskTracker().router(prefix="/tasks"))
+    schema = app.openapi()
+    responses = schema["paths"]["/tasks/{task_id}"]["get"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TaskRecord"
+    }
+    assert responses["404"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TaskNotFound"
+    }
+    record = schema["components"]["schemas"]["TaskRecord"]
+    assert list(record["properties"]) == RECORD_FIELDS
+    assert all(field["description"] for field in record["properties"].values())
+    assert record["properties"]["status"]["enum"] == [
+        "pending",
+        "running",
+        "done",
+        "failed",
+        "cancelled",
+        "lost",
+    ]
+    assert record["properties"]["created_at"]["format"] == "date-time"
+
+
+@pytest.mark.parametrize("task_id", ["a" * 32, "A" * 32, "a" * 31])
+def test_a_lookup_is_asked_only_for_well_formed_ids_and_its_record_served_as_is(
+    task_id: str, anyio_backend: Literal["asyncio", "trio"]
+) -> None:
+    """A record from another process or a later version (status `lost`, an
+    `attempts` key this version does not know) reaches the client unchanged."""
+    asked: list[str] = []
+    record: dict[str, Any] = {
+        "task_id": "a" * 32,
+        "name": "app.send",
+        "status": "lost",
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "started_at": None,
+        "finished_at": None,
+        "duration_s": None,
+        "error": None,
+        "attempts": 2,
+    }
+
+    async def lookup(task_id: str) -> dict[str, Any] | None:
+        asked.append(task_id)
+        return record if task_id == record["task_id"] else None
+
+    app = FastAPI()
+    app.include_router(status_router(lookup, "/tasks", tags=["tasks"]))
+    with TestClient(app, backend=anyio_backend) as client:
+        response = client.get(f"/tasks/{task_id}")
+    if task_id == record["task_id"]:
+        assert response.status_code == 200
+        assert response.json() == record
+        assert asked == [task_id]
+    else:
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Unknown task id"}
+        assert asked == []
