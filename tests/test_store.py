@@ -37,6 +37,7 @@ from fastapi_bgplus._handle import mark_finished
 from fastapi_bgplus._store import StoreWriter
 
 from .apps.memory import noop, run_tasks
+from .conftest import FASTAPI
 
 Backend = Literal["asyncio", "trio"]
 DEADLINE = 5.0
@@ -205,6 +206,25 @@ async def test_without_a_store_lookup_knows_only_this_process() -> None:
         (handle,) = await run_tasks(state, 1)
         assert await tracker.lookup(handle.task_id) == handle.to_dict()
         assert await tracker.lookup("0" * 32) is None
+
+
+@pytest.mark.skipif(FASTAPI < (0, 121), reason="detached mode needs FastAPI's request exit stacks")
+def test_detached_tasks_reach_the_store_after_a_restart_too(anyio_backend: Backend) -> None:
+    store = MemoryStore()
+    tracker = TaskTracker(store=store, detach=True)
+    app = FastAPI(lifespan=tracker.lifespan)
+
+    @app.post("/queue")
+    async def queue(tasks: BackgroundTasks) -> str:
+        return tasks.add_task(noop).task_id
+
+    for _ in range(2):  # and again once the tracker has started anew
+        with TestClient(app, backend=anyio_backend) as client:
+            task_id = client.post("/queue").json()
+        # Written at the latest at shutdown, after the drain.
+        stored_record = anyio.run(store.get, task_id)
+        assert stored_record is not None
+        assert stored_record["status"] == "done"
 
 
 # Leases and lost tasks
