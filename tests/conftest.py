@@ -13,7 +13,7 @@ from starlette.types import ASGIApp
 
 from fastapi_bgplus import signals
 
-from .stores import store  # noqa: F401  # the store contract suite's fixture
+from .stores import memory_store, sqlite_store, store  # noqa: F401  # the store contract suite
 
 FASTAPI = tuple(int(part) for part in fastapi.__version__.split(".")[:3])
 """The installed FastAPI's version, e.g. ``(0, 128, 2)``, for `skipif` on older
