@@ -12,7 +12,11 @@ with one sync and one async receiver connected to every signal; sync no-op tasks
 (one thread hop each); async tasks with a `TaskTracker` bound, as the FastAPI
 provider binds it; async tasks with options (`@task(timeout=...)`, and
 `@task(attempts=3, retry_on=...)` that never needs a retry), where Starlette
-and FastAPI run the plain function.
+and FastAPI run the plain function; async tasks in a collection built as the FastAPI provider
+builds it (`for_request`), with no span recording and then inside a recording
+request span (OpenTelemetry SDK, no exporter): there "fastapi" is Starlette's
+collection with each task in a span as FastAPI 0.165 opens it (FastAPI itself
+traces only inside its own request telemetry).
 
 Run from the project root::
 
@@ -79,6 +83,41 @@ def receivers_connected() -> Iterator[None]:
         for signal in all_signals:
             signal.disconnect(on_signal)
             signal.disconnect(on_signal_async)
+
+
+@contextmanager
+def tracer_recording() -> Iterator[None]:
+    """A recording request span around the scenario, from an SDK provider."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    with trace.get_tracer("benchmark").start_as_current_span("request"):
+        yield
+
+
+class FastAPITraced(StarletteBackgroundTasks):
+    """Starlette's collection, each task in a span as FastAPI 0.165 opens it
+    (`fastapi.telemetry._api._traced_operation`)."""
+
+    async def __call__(self) -> None:
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("fastapi")
+        for queued in self.tasks:
+            name = f"{queued.func.__module__}.{queued.func.__qualname__}"
+            with tracer.start_as_current_span(
+                "fastapi.background_task",
+                attributes={"code.function.name": name},
+                record_exception=False,
+                set_status_on_exception=False,
+            ):
+                await queued()
+
+
+def for_request() -> StarletteBackgroundTasks:
+    return TrackedBackgroundTasks.for_request({"type": "http"})
 
 
 @dataclass
@@ -152,6 +191,16 @@ async def main(rounds: int, target_s: float, only: str) -> None:
         Scenario("async no-op, @task(timeout=60.0)", noop, 1, base, bgplus_func=noop_timeout),
         Scenario(
             "async no-op, @task(attempts=3, retry_on=...)", noop, 1, base, bgplus_func=noop_retried
+        ),
+        Scenario(
+            "async no-op, for_request, no span recording", noop, 1, {**base, "bgplus": for_request}
+        ),
+        Scenario(
+            "async no-op, for_request, with a tracer recording",
+            noop,
+            1,
+            {**base, "fastapi": FastAPITraced, "bgplus": for_request},
+            tracer_recording,
         ),
     ]
     rows = []

@@ -4,7 +4,6 @@ lifespan hook that drains tasks at shutdown."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import signals
@@ -21,6 +20,7 @@ __all__ = [
     "DEFAULT_THREAD_LIMIT",
     "BackgroundTasks",
     "MemoryStore",
+    "RedisStore",
     "SQLiteStore",
     "TaskHandle",
     "TaskStatus",
@@ -35,6 +35,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._fastapi import BackgroundTasks, get_background_tasks
+    from ._store_redis import RedisStore
     from ._store_sqlite import SQLiteStore
 else:
     try:
@@ -48,15 +49,25 @@ else:
 
 __version__ = "0.1.0"
 
-# Stores imported on first use, so that `import fastapi_bgplus` imports
-# neither sqlite3 nor redis.
-_LAZY = {"SQLiteStore": "._store_sqlite", "RedisStore": "._store_redis"}
-
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    # The stores are imported on first use, so that `import fastapi_bgplus`
+    # imports neither sqlite3 nor redis (an optional extra).
+    if name == "SQLiteStore":
+        from ._store_sqlite import SQLiteStore
+
+        globals()["SQLiteStore"] = SQLiteStore
+        return SQLiteStore
+    if name == "RedisStore":
+        try:
+            from ._store_redis import RedisStore
+        except ModuleNotFoundError as exc:  # pragma: no cover  (tested in a subprocess)
+            if exc.name != "redis":
+                raise
+            raise ModuleNotFoundError(
+                "RedisStore needs the redis package: pip install 'fastapi-bgplus[redis]'",
+                name="redis",
+            ) from exc
+        globals()["RedisStore"] = RedisStore
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

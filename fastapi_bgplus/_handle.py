@@ -10,7 +10,15 @@ from typing import Any
 
 import anyio
 
-__all__ = ["TaskHandle", "TaskStatus", "finished_mono", "mark_finished", "mark_started"]
+__all__ = [
+    "TaskHandle",
+    "TaskStatus",
+    "finished_mono",
+    "handed_off",
+    "mark_finished",
+    "mark_handed_off",
+    "mark_started",
+]
 
 
 class TaskStatus(str, enum.Enum):
@@ -90,6 +98,7 @@ class TaskHandle:
         "_created_wall",
         "_finished_event",
         "_finished_mono",
+        "_handed_off",  # set only once sent away: never read on the hot path
         "_started_mono",
         "attempts",
         "error",
@@ -97,6 +106,8 @@ class TaskHandle:
         "status",
         "task_id",
     )
+
+    _handed_off: bool  # unset until `mark_handed_off`: nothing to pay per task
 
     def __init__(self, name: str) -> None:
         try:
@@ -196,6 +207,16 @@ def mark_finished(
     handle._finished_mono = time.perf_counter()
     if handle._finished_event is not None:
         handle._finished_event.set()
+
+
+def mark_handed_off(handle: TaskHandle) -> None:
+    """Still pending, but in another process's hands from now on."""
+    handle._handed_off = True
+
+
+def handed_off(handle: TaskHandle) -> bool:
+    """Whether the task was sent out of this process (see `mark_handed_off`)."""
+    return getattr(handle, "_handed_off", False)
 
 
 def finished_mono(handle: TaskHandle) -> float | None:

@@ -1,7 +1,8 @@
 """The one place a task's fate is reported.
 
 Every runner (the in-request loop, a detached run, a taskiq worker) calls
-a `Reporter` at each transition; each of its methods updates the handle, tells
+a `Reporter` at each transition (`handed_off` when the task leaves the
+process, sent to a queue); each of its methods updates the handle, tells
 the observers (tracker, store, tracing), writes the log line and sends the
 blinker signal, in that order. A new observer is a `TaskObserver`; a new
 runner calls these and touches nothing else.
@@ -20,7 +21,15 @@ from typing import Any, Protocol
 
 from blinker import Signal
 
-from ._handle import DONE, TaskHandle, TaskStatus, mark_finished, mark_started
+from ._eventloop import current_library
+from ._handle import (
+    DONE,
+    TaskHandle,
+    TaskStatus,
+    mark_finished,
+    mark_handed_off,
+    mark_started,
+)
 from ._signals import send
 from .signals import task_abandoned, task_completed, task_failed, task_retrying, task_started
 
@@ -51,6 +60,11 @@ class TaskObserver(Protocol):
 
     def task_ended(self, handle: TaskHandle) -> None:
         """The task reached its end state (``handle.status``)."""
+
+    def task_handed_off(self, handle: TaskHandle) -> None:
+        """The task left this process, still ``pending`` (sent to a queue such
+        as taskiq's): where it runs now reports the rest of its life, so forget
+        it here. It never reaches `task_ended` in this process."""
 
 
 class Reporter:
@@ -138,6 +152,15 @@ class Reporter:
                 wait_s=wait_s,
             )
 
+    def handed_off(self, handle: TaskHandle, func: Callable[..., Any]) -> None:
+        """The task was sent out of this process (to a taskiq broker): its
+        handle stays ``pending`` here, and the process that runs it reports
+        the rest (status in the task store, signals there)."""
+        mark_handed_off(handle)
+        logger.debug("Background task %s (%s) handed off", handle.task_id, handle.name)
+        for observer in self.observers:
+            observer.task_handed_off(handle)
+
     def _abandon(self, handle: TaskHandle, reason: str) -> None:
         mark_finished(handle, TaskStatus.CANCELLED)
         logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
@@ -198,7 +221,6 @@ _background: set[Any] = set()  # strong references to running asyncio tasks
 
 def _spawn(awaitable: Awaitable[Any]) -> None:
     """Await `awaitable` in a task of its own on the running event loop."""
-    import sniffio
 
     async def deliver() -> None:
         try:
@@ -206,9 +228,8 @@ def _spawn(awaitable: Awaitable[Any]) -> None:
         except Exception:
             logger.exception("An async signal receiver raised; it was skipped")
 
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
+    library = current_library()
+    if library is None:
         # A worker thread (a `def` dependency's exit code): hop to the loop.
         import anyio.from_thread
 

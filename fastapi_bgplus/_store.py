@@ -109,6 +109,16 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"<MemoryStore {len(self._records)} record(s)>"
 
+    @property
+    def records(self) -> dict[str, Record]:
+        """What it holds, by task id (expired records included): for tests."""
+        return {task_id: dict(record) for task_id, (record, _) in self._records.items()}
+
+    @property
+    def leases(self) -> dict[str, float]:
+        """When each owner's lease runs out, on its clock: for tests."""
+        return dict(self._leases)
+
     async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
         expires_at = math.inf if history_ttl is None else self._clock() + history_ttl
         for record in records:
@@ -192,6 +202,11 @@ class StoreWriter:
 
     def task_ended(self, handle: TaskHandle) -> None:
         self._file(handle)
+
+    def task_handed_off(self, handle: TaskHandle) -> None:
+        # Its record is written where it runs now (taskiq's middleware): a
+        # `pending` of ours, written later, would hide that one's progress.
+        self._buffer.pop(handle.task_id, None)
 
     def _file(self, handle: TaskHandle) -> None:
         buffer = self._buffer

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from types import FunctionType
@@ -15,9 +16,10 @@ from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from ._handle import PENDING, RUNNING, TaskHandle, callable_name
+from ._handle import PENDING, RUNNING, TaskHandle, callable_name, handed_off
 from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
+from ._tracing import current_observer
 from ._tracker import tracker_of
 
 if TYPE_CHECKING:
@@ -106,7 +108,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     _closed: str | None = None  # why later tasks cannot run, once closed
     _cancel_reason: str | None = None
     _host: Any = None  # what `cancel()` cancels while it runs
-    _trio = False  # whether it runs on trio, for `cancel()`
+    # Set by `for_request` when a tracker may `cancel()` it: whether it runs on trio.
+    _trio: bool | None = None
     # Set by `for_request` in detached mode: hands the run to the tracker.
     _spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
 
@@ -137,13 +140,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         scope = connection if type(connection) is dict else connection.scope  # type: ignore[union-attr]
         tasks = cls()
         tracker = tracker_of(scope)
+        app = scope.get("app")
         if tracker is None:
-            tasks._report = Reporter(scope.get("app"))
+            tasks._report = Reporter(app)
         else:
-            tasks._report = tracker.reporter(scope.get("app"))
+            tasks._report = tracker.reporter(app)
             tasks._trio = tracker.on_trio
             if tracker.detach:
                 tasks._spawn = tracker.spawn
+        if (tracing := current_observer()) is not None:  # a span records: trace each task
+            tasks._report = Reporter(app, (*tasks._report.observers, tracing))
         return tasks
 
     @property
@@ -208,6 +214,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         func = task.func
         handle = TaskHandle(callable_name(func))
         if type(func) is not FunctionType and (runner := _runner_for(func)) is not None:
+            # A runner may name the task better (taskiq: the task's name).
+            handle.name = getattr(runner, "name", handle.name)
             if self._runners is None:
                 self._runners = {}
             self._runners[len(self.tasks)] = runner
@@ -235,8 +243,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         await self._run()
 
     async def _run(self) -> None:
-        if not self._report.observers:
-            await self._run_tasks()  # nothing can cut it off: no need to prepare for it
+        if self._trio is None:
+            await self._run_tasks()  # no tracker can cut it off: no need to prepare for it
         elif self._trio:
             await _run_in_trio_scope(self)
         else:
@@ -351,7 +359,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     async def _abandon(self, cause: str) -> None:
         """End every unfinished task as cancelled, loudly."""
         for task, handle in zip(self.tasks, self.handles, strict=True):
-            if handle.finished:
+            if handle.finished or handed_off(handle):
                 continue
             if handle.status is RUNNING:
                 reason = f"{cause}; it was cut off while running"
@@ -402,7 +410,13 @@ def _runner_for(func: Any) -> TaskRunner | None:
     """The runner of a special task, or `None` for a plain one."""
     # On the type: a Mock or a proxy answers any attribute of its instances.
     make = getattr(type(func), "bgplus_runner", None)
-    return make(func) if make is not None else None
+    if make is not None:
+        return make(func)  # type: ignore[no-any-return]
+    if "taskiq" in sys.modules:  # never imported for it: a taskiq task implies it
+        from .taskiq import runner_for
+
+        return runner_for(func)
+    return None
 
 
 async def call(task: BackgroundTask) -> None:

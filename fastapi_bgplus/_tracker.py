@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import sniffio
 from starlette.types import Scope
 
+from ._eventloop import current_library
 from ._handle import TaskHandle, TaskStatus, finished_mono
 from ._lifecycle import Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
@@ -84,6 +84,13 @@ class _Ledger:
             now = time.perf_counter()
             if now >= self.next_expiry:
                 self.expire(now)
+        if self.idle is not None and not self.live:
+            self.idle.set()
+
+    def task_handed_off(self, handle: TaskHandle) -> None:
+        # Its record is the store's now (the worker writes it): neither in
+        # flight here, nor in the history, where it would stay pending.
+        self.live.pop(handle.task_id, None)
         if self.idle is not None and not self.live:
             self.idle.set()
 
@@ -350,7 +357,7 @@ class TaskTracker:
     async def _draining(self) -> AsyncIterator[None]:
         ledger = self._ledger
         ledger.done = ledger.failed = ledger.abandoned = 0
-        self._on_trio = sniffio.current_async_library() == "trio"
+        self._on_trio = current_library() == "trio"
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         async with self._detached_runs():

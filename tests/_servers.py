@@ -50,10 +50,14 @@ class Server:
 
 @contextmanager
 def serve(
-    tmp_path: Path, command: list[str], url: str, env: Mapping[str, str] | None = None
+    tmp_path: Path,
+    command: list[str],
+    url: str,
+    ready_path: str = "/health",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """Run `command` (a server listening at `url`) with the markers directory
-    of `tmp_path` and `env` in its environment, until it answers ``GET /health``."""
+    of `tmp_path` and `env` in its environment, until it answers ``GET {ready_path}``."""
     log = tmp_path / "server.log"
     (tmp_path / "markers").mkdir()
     env = {**os.environ, "BGPLUS_MARKERS": str(tmp_path / "markers"), **(env or {})}
@@ -70,7 +74,7 @@ def serve(
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while True:  # poll until it answers, for a bounded time
             try:
-                httpx2.get(f"{url}/health", timeout=1.0).raise_for_status()
+                httpx2.get(f"{url}{ready_path}", timeout=1.0).raise_for_status()
                 break
             except httpx2.TransportError:
                 assert process.poll() is None, log.read_text()
@@ -93,7 +97,7 @@ def uvicorn(
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--no-access-log", *args]
-    with serve(tmp_path, command, f"http://127.0.0.1:{port}", env) as server:
+    with serve(tmp_path, command, f"http://127.0.0.1:{port}", env=env) as server:
         yield server
 
 

@@ -93,3 +93,13 @@ def test_the_example_app_shares_its_tasks_through_sqlite(tmp_path: Path) -> None
         "audit": "done",
         "crm_webhook": "failed",
     }
+
+
+def test_the_taskiq_examples_import_and_wire_the_middleware() -> None:
+    # Run for real against Redis in tests/test_taskiq_redis.py.
+    from examples import taskiq_app, taskiq_worker
+    from fastapi_bgplus.taskiq import TrackingMiddleware
+
+    paths = {getattr(route, "path", None) for route in taskiq_app.app.routes}
+    assert {"/users", "/tasks/{task_id}"} <= paths
+    assert any(isinstance(m, TrackingMiddleware) for m in taskiq_worker.broker.middlewares)

@@ -424,6 +424,24 @@ async def test_a_write_that_fails_keeps_newer_transitions(
     assert await store.get(third.task_id) is not None
 
 
+@pytest.mark.anyio
+async def test_a_task_handed_off_to_a_queue_is_left_to_its_worker_to_write() -> None:
+    """A taskiq task leaves the process `pending`; its worker writes its record
+    from then on, and this process must not overwrite it with its own."""
+    store = MemoryStore()
+    writer = StoreWriter(store, lease_ttl=30.0, history_ttl=None)
+    await writer.start()
+    kept, handed_off = handles(2, finished=False)
+    writer.task_queued(kept, None)  # type: ignore[arg-type]
+    writer.task_queued(handed_off, None)  # type: ignore[arg-type]
+    worker_record = {**handed_off.to_dict(), "status": "running", "owner": "worker"}
+    await store.put([worker_record], history_ttl=None)
+    writer.task_handed_off(handed_off)
+    assert await writer.flush()
+    assert await store.get(kept.task_id) is not None
+    assert await store.get(handed_off.task_id) == worker_record
+
+
 # Startup and shutdown
 
 

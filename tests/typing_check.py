@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from fastapi_bgplus import (
     BackgroundTasks,
     MemoryStore,
+    RedisStore,
     SQLiteStore,
     TaskHandle,
     TaskStatus,
@@ -31,6 +32,17 @@ from fastapi_bgplus import (
 )
 
 app = FastAPI(lifespan=TaskTracker(drain_timeout=5.0).lifespan)
+
+
+async def redis_store() -> dict[str, Any] | None:
+    store = RedisStore("redis://localhost:6379/0", prefix="myapp:")
+    await store.put([{"task_id": "x", "status": "done", "owner": "w1"}], history_ttl=3600.0)
+    record: dict[str, Any] | None = await store.get("x")
+    alive: bool = await store.lease_alive("w1")
+    await store.aclose()
+    RedisStore(b"redis://localhost")  # type: ignore[arg-type]
+    print(alive)
+    return record
 
 
 async def send_email(address: str, *, subject: str = "Welcome") -> None: ...
@@ -137,3 +149,22 @@ async def stores() -> None:
     record: dict[str, Any] | None = await tracker.lookup("0" * 32)
     local: TaskHandle | None = tracker.get("0" * 32)
     print(record, local)
+
+
+# A taskiq task keeps its call site and its argument types.
+
+from taskiq import InMemoryBroker  # noqa: E402
+
+from fastapi_bgplus.taskiq import TrackingMiddleware  # noqa: E402
+
+broker = InMemoryBroker().with_middlewares(TrackingMiddleware(MemoryStore(), lease_ttl=10.0))
+
+
+@broker.task
+async def send_email_later(address: str) -> None: ...
+
+
+@app.post("/later")
+async def later(email: str, tasks: BackgroundTasks) -> str:
+    tasks.add_task(send_email_later, 42)  # type: ignore[arg-type]
+    return tasks.add_task(send_email_later, email).task_id
