@@ -1,6 +1,7 @@
-"""Several uvicorn workers share one `SQLiteStore` (issue 10).
+"""Several uvicorn workers share one task store (issue 10).
 
-A real ``uvicorn --workers 3`` in a subprocess serves `tests/apps/workers.py`;
+A real ``uvicorn --workers 3`` in a subprocess serves `tests/apps/workers.py`,
+with a `SQLiteStore` and with a `RedisStore` (on the session's redis-server);
 every request opens a new connection, so the kernel spreads them over the
 workers. Every task id is looked up many times: none answers 404 once the
 write interval has passed, and each shows its final status. Then a worker is
@@ -20,6 +21,7 @@ import httpx2
 import pytest
 
 from ._servers import Server, uvicorn
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +43,12 @@ def wait_for_workers(server: Server, count: int) -> set[str]:
     return pids
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of each store the workers share (``BGPLUS_STORE``)."""
-    assert request.param == "sqlite"
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return server.url
     return f"sqlite://{tmp_path}/tasks.db"
 
 
