@@ -21,6 +21,7 @@ blocking ones not yet finished.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +36,9 @@ from starlette.requests import HTTPConnection
 import fastapi_bgplus
 from fastapi_bgplus import TrackedBackgroundTasks
 
-tracker = fastapi_bgplus.TaskTracker()
+# per_request.py's "sqlite" variant: a second server whose tracker has a store.
+_sqlite = os.environ.get("BGPLUS_BENCH_SQLITE")
+tracker = fastapi_bgplus.TaskTracker(store=fastapi_bgplus.SQLiteStore(_sqlite) if _sqlite else None)
 app = FastAPI(lifespan=tracker.lifespan)
 
 _order_ids = itertools.count(1)

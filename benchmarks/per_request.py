@@ -9,7 +9,10 @@ three paths of the same app: no task (``/plain``), one no-op async task through
 `fastapi_bgplus.BackgroundTasks` with the `TaskTracker` lifespan on (``/bgplus``).
 A fourth path, ``/untracked``, is ``/bgplus`` with its collection not bound to
 the tracker (what tracking costs). Routes are matched in that order, so each path pays
-for one more failed match (about 2 us) than the one before it.
+for one more failed match (about 2 us) than the one before it. The ``sqlite``
+variant is ``/bgplus`` on a second server of the same app (same core, idle
+while the others run) whose tracker has a `SQLiteStore` (issue 10): its
+records are written from behind, in the same process.
 
 Every round runs each variant once, in a rotating order. The figures are the
 medians over the rounds; the target is bgplus / fastapi >= 0.90 req/s.
@@ -60,7 +63,7 @@ from _common import (
 
 from fastapi_bgplus import TaskTracker
 
-VARIANTS = ("plain", "fastapi", "floor", "bgplus", "untracked")
+VARIANTS = ("plain", "fastapi", "floor", "bgplus", "untracked", "sqlite")
 
 ORDER = {
     "customer_email": "ada@example.com",
@@ -133,12 +136,20 @@ def main(rounds: int, duration: float, connections: int) -> None:
         f" {rounds} rounds x {len(VARIANTS)} variants x {duration:g} s",
         flush=True,
     )
-    port = free_port()
+    port, stored_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
+    urls = {variant: f"{base}/{variant}" for variant in VARIANTS}
+    urls["sqlite"] = f"http://127.0.0.1:{stored_port}/bgplus"
     server = start_uvicorn("apps:app", port, cpus=server_cpu, http=http)
+    store_dir = tempfile.TemporaryDirectory()
+    os.environ["BGPLUS_BENCH_SQLITE"] = f"{store_dir.name}/tasks.db"  # read by apps.py
+    try:
+        stored = start_uvicorn("apps:app", stored_port, cpus=server_cpu, http=http)
+    finally:
+        del os.environ["BGPLUS_BENCH_SQLITE"]
     try:
         for variant in VARIANTS:  # the endpoints answer as expected before timing them
-            response = httpx2.post(f"{base}/{variant}", json=ORDER)
+            response = httpx2.post(urls[variant], json=ORDER)
             response.raise_for_status()
             assert response.json()["total"] == 42.9, response.text
         with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +157,7 @@ def main(rounds: int, duration: float, connections: int) -> None:
             script.write_text(WRK_SCRIPT.format(body=json.dumps(ORDER)))
             for variant in VARIANTS:  # warm up
                 wrk(
-                    f"{base}/{variant}",
+                    urls[variant],
                     script,
                     duration=2,
                     connections=connections,
@@ -156,7 +167,7 @@ def main(rounds: int, duration: float, connections: int) -> None:
             for round_no in range(rounds):
                 for variant in rotated(VARIANTS, round_no):
                     result = wrk(
-                        f"{base}/{variant}",
+                        urls[variant],
                         script,
                         duration=duration,
                         connections=connections,
@@ -171,6 +182,8 @@ def main(rounds: int, duration: float, connections: int) -> None:
         stats = httpx2.get(f"{base}/stats").json()
     finally:
         stop(server)
+        stop(stored)
+        store_dir.cleanup()
 
     rps = {v: median([r.requests_per_s for r in results[v]]) for v in VARIANTS}
     rows = [
@@ -196,6 +209,7 @@ def main(rounds: int, duration: float, connections: int) -> None:
     print(f"bgplus / plain   = {rps['bgplus'] / rps['plain']:.3f};")
     print(f"fastapi / plain  = {rps['fastapi'] / rps['plain']:.3f}")
     print(f"untracked / fastapi = {rps['untracked'] / rps['fastapi']:.3f}")
+    print(f"sqlite / bgplus = {rps['sqlite'] / rps['bgplus']:.3f} (the SQLiteStore's cost)")
     print(f"floor / fastapi = {rps['floor'] / rps['fastapi']:.3f} (fastapi + one plain dependency)")
     ran = stats["ran"]
     print(

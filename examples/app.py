@@ -11,23 +11,32 @@ Each sign-up queues three tasks: a welcome e-mail (async), an audit-log write
 (a blocking `def`, run on fastapi-bgplus's own thread limiter) and a webhook
 that always fails, to show that a failing task harms neither the response nor
 the tasks around it. A signal receiver counts failures per task function.
+
+With several workers, give them a shared task store, so that every worker
+answers for every task id::
+
+    BGPLUS_STORE=sqlite:///tmp/tasks.db uvicorn examples.app:app --workers 4
+    BGPLUS_STORE=redis://localhost:6379/0 uvicorn examples.app:app --workers 4  # pip install redis
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from fastapi_bgplus import BackgroundTasks, TaskTracker, signals
+import fastapi_bgplus
+from fastapi_bgplus import BackgroundTasks, SQLiteStore, TaskStore, TaskTracker, signals
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -71,9 +80,26 @@ def count_failure(sender: Any, *, handle: Any, **kwargs: Any) -> None:
     failures[handle.name] += 1
 
 
+def store_from_url(url: str | None) -> TaskStore | None:
+    """The task store named by `url` (``BGPLUS_STORE``): ``sqlite:///path/to/file.db``
+    or ``redis://host:port/db``; none if empty."""
+    if not url:
+        return None
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        return SQLiteStore(urlsplit(url).path)
+    if scheme in ("redis", "rediss", "unix"):
+        store: TaskStore = fastapi_bgplus.RedisStore(url)  # imports redis only now
+        return store
+    raise ValueError(
+        f"BGPLUS_STORE={url!r} names no known store; use sqlite:///path/to/tasks.db"
+        f" or redis://host:6379/0"
+    )
+
+
 mailer = Mailer()
 audit = AuditLog()
-tracker = TaskTracker(drain_timeout=10.0)
+tracker = TaskTracker(drain_timeout=10.0, store=store_from_url(os.environ.get("BGPLUS_STORE")))
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ from . import signals
 from ._handle import TaskHandle, TaskStatus
 from ._limiter import DEFAULT_THREAD_LIMIT, current_thread_limiter
 from ._options import task
+from ._store import MemoryStore, TaskStore
 from ._tasks import TrackedBackgroundTasks
 from ._tracker import DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, TaskTracker
 
@@ -18,9 +19,12 @@ __all__ = [
     "DEFAULT_HISTORY_TTL",
     "DEFAULT_THREAD_LIMIT",
     "BackgroundTasks",
+    "MemoryStore",
     "RedisStore",
+    "SQLiteStore",
     "TaskHandle",
     "TaskStatus",
+    "TaskStore",
     "TaskTracker",
     "TrackedBackgroundTasks",
     "current_thread_limiter",
@@ -32,6 +36,7 @@ __all__ = [
 if TYPE_CHECKING:
     from ._fastapi import BackgroundTasks, get_background_tasks
     from ._store_redis import RedisStore
+    from ._store_sqlite import SQLiteStore
 else:
     try:
         from ._fastapi import BackgroundTasks, get_background_tasks
@@ -46,8 +51,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # RedisStore is imported on first use, so that `import fastapi_bgplus` never
-    # imports redis (an optional extra).
+    # The stores are imported on first use, so that `import fastapi_bgplus`
+    # imports neither sqlite3 nor redis (an optional extra).
+    if name == "SQLiteStore":
+        from ._store_sqlite import SQLiteStore
+
+        globals()["SQLiteStore"] = SQLiteStore
+        return SQLiteStore
     if name == "RedisStore":
         try:
             from ._store_redis import RedisStore

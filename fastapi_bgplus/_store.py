@@ -1,61 +1,311 @@
-"""The task store protocol, and a store in memory.
+"""The task store: where every process sharing it writes its tasks' records,
+so that any of them can answer for any task.
 
-RECONCILE (lead): a minimal stand-in written on branch `taskiq`, holding only
-the protocol agreed with branch `store` and a `MemoryStore`; the `store`
-branch's module replaces this file whole.
+`TaskStore` is the protocol a store implements (`MemoryStore` here is its
+reference implementation; `SQLiteStore` and `RedisStore` are the others).
+`StoreWriter` is the `TaskObserver` that writes to it from behind: a
+transition only files the task's handle in a buffer, and a loop in the
+tracker's lifespan writes the buffer out every `FLUSH_INTERVAL` seconds, so
+no request and no task ever waits for the store.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["MemoryStore", "Record", "TaskStore"]
+import anyio
+
+from ._handle import TaskHandle
+from ._lifecycle import Cancellable
+
+__all__ = [
+    "FLUSH_INTERVAL",
+    "MAX_BUFFERED",
+    "STORE_METHODS",
+    "UNFINISHED",
+    "MemoryStore",
+    "Record",
+    "StoreWriter",
+    "TaskStore",
+    "new_owner",
+]
+
+logger = logging.getLogger("fastapi_bgplus")
 
 Record = dict[str, Any]
 """`TaskHandle.to_dict()` plus ``"owner"``: the lease id of the process that wrote it."""
 
+UNFINISHED = frozenset({"pending", "running"})
+"""Statuses a record can only keep while its owner's lease is alive."""
 
+FINISHED = frozenset({"done", "failed", "cancelled"})
+
+FLUSH_INTERVAL = 0.2
+"""Seconds between two writes of the buffered records (and lease checks)."""
+
+MAX_BUFFERED = 100_000
+"""Records a writer holds while its store fails; past it, the oldest finished go."""
+
+WARN_EVERY = 30.0
+"""Seconds between two WARNINGs about a failing store."""
+
+SHUTDOWN_TIMEOUT = 5.0
+"""Seconds the last write at shutdown (and closing the store) may take."""
+
+STORE_METHODS = ("put", "get", "renew_lease", "lease_alive", "aclose")
+
+
+@runtime_checkable
 class TaskStore(Protocol):
-    """Where the processes sharing it write their tasks' records and read each other's."""
+    """Where the processes of an application share their tasks' records.
+
+    A record is `TaskHandle.to_dict()` plus ``"owner"``, the lease id of the
+    process that wrote it. Implement these five methods to plug in your own
+    store (Postgres, DynamoDB...), and run the contract suite against it
+    (`tests/test_store_contract.py`, with your store added to `tests/stores.py`).
+    The tracker calls them from one task at a time, never on the request path.
+    """
 
     async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
-        """Upsert `records` by task id, in order; finished ones expire after `history_ttl`."""
+        """Insert or replace records by ``task_id``, in order (a later record
+        of the same id wins). Finished records (status done, failed or
+        cancelled) expire `history_ttl` seconds after being written; `None`:
+        never. Unfinished ones do not expire."""
 
     async def get(self, task_id: str) -> Record | None:
-        """The record of this task, or `None`."""
+        """The record of this task id as last put, or `None` if unknown or expired."""
 
     async def renew_lease(self, owner: str, ttl: float) -> None:
-        """Keep the lease of process `owner` alive for `ttl` more seconds."""
+        """Record that process `owner` is alive for the next `ttl` seconds."""
 
     async def lease_alive(self, owner: str) -> bool:
-        """Whether process `owner` renewed its lease less than its ttl ago."""
+        """Whether the last lease of `owner` has not run out."""
 
     async def aclose(self) -> None:
-        """Release the store's resources."""
+        """Release connections and files; the tracker calls it at shutdown.
+
+        Calling it twice is harmless, and a store used again afterwards opens
+        what it needs again (a tracker may start again after shutdown)."""
 
 
 class MemoryStore:
-    """A `TaskStore` in this process's memory (tests, one process)."""
+    """A `TaskStore` in this process's memory: for tests, and as the
+    reference implementation of the protocol. Processes do not share it.
 
-    def __init__(self) -> None:
-        self.records: dict[str, Record] = {}
-        self.leases: dict[str, float] = {}
+    Parameters:
+        clock: Seconds, for expiry (`time.monotonic` by default).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._records: dict[str, tuple[Record, float]] = {}
+        self._leases: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore {len(self._records)} record(s)>"
+
+    @property
+    def records(self) -> dict[str, Record]:
+        """What it holds, by task id (expired records included): for tests."""
+        return {task_id: dict(record) for task_id, (record, _) in self._records.items()}
+
+    @property
+    def leases(self) -> dict[str, float]:
+        """When each owner's lease runs out, on its clock: for tests."""
+        return dict(self._leases)
 
     async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
+        expires_at = math.inf if history_ttl is None else self._clock() + history_ttl
         for record in records:
-            self.records[record["task_id"]] = dict(record)
+            finished = record["status"] in FINISHED
+            self._records[record["task_id"]] = (dict(record), expires_at if finished else math.inf)
 
     async def get(self, task_id: str) -> Record | None:
-        record = self.records.get(task_id)
-        return dict(record) if record is not None else None
+        entry = self._records.get(task_id)
+        if entry is None:
+            return None
+        record, expires_at = entry
+        if expires_at <= self._clock():
+            del self._records[task_id]
+            return None
+        return dict(record)
 
     async def renew_lease(self, owner: str, ttl: float) -> None:
-        self.leases[owner] = time.monotonic() + ttl
+        self._leases[owner] = self._clock() + ttl
 
     async def lease_alive(self, owner: str) -> bool:
-        return self.leases.get(owner, 0.0) > time.monotonic()
+        return self._leases.get(owner, -math.inf) > self._clock()
 
     async def aclose(self) -> None:
         pass
+
+
+def new_owner() -> str:
+    """A lease id for this process: its pid, for people reading the store, and
+    64 random bits, so a restarted process (or a reused pid) never inherits it."""
+    return f"{os.getpid()}-{os.urandom(8).hex()}"
+
+
+class StoreWriter:
+    """The `TaskObserver` that writes the tracked tasks' records to a store.
+
+    Transitions only file the task's handle under its id (a later transition
+    of the same task replaces the earlier: records coalesce); `run()` writes
+    the buffer every `interval` seconds, from the tracker's lifespan, and
+    renews this process's lease every ``lease_ttl / 3`` seconds.
+
+    While the store fails, the records stay buffered and are retried at the
+    next write; a WARNING says so at most once per `warn_every` seconds. Past
+    `max_buffered` records, the oldest finished ones are dropped (their last
+    status is then never written; the next WARNING counts them); if none has
+    finished, the oldest of all go.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        *,
+        lease_ttl: float,
+        history_ttl: float | None,
+        interval: float = FLUSH_INTERVAL,
+        max_buffered: int = MAX_BUFFERED,
+        warn_every: float = WARN_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.owner = new_owner()
+        self.lease_ttl = lease_ttl
+        self.history_ttl = history_ttl
+        # A lease shorter than three intervals would lapse between renewals.
+        self.interval = min(interval, lease_ttl / 3)
+        self.max_buffered = max_buffered
+        self.warn_every = warn_every
+        self._clock = clock
+        self._buffer: dict[str, TaskHandle] = {}
+        self._lease_due = -math.inf
+        self._next_warning = -math.inf
+        self._failing = False
+        self._dropped = 0
+
+    # TaskObserver: on the event loop, for every transition; no I/O here.
+
+    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
+        self._file(handle)
+
+    def task_started(self, handle: TaskHandle) -> None:
+        self._file(handle)
+
+    def task_ended(self, handle: TaskHandle) -> None:
+        self._file(handle)
+
+    def task_handed_off(self, handle: TaskHandle) -> None:
+        # Its record is written where it runs now (taskiq's middleware): a
+        # `pending` of ours, written later, would hide that one's progress.
+        self._buffer.pop(handle.task_id, None)
+
+    def _file(self, handle: TaskHandle) -> None:
+        buffer = self._buffer
+        buffer[handle.task_id] = handle
+        if len(buffer) > self.max_buffered:
+            self._drop_one()
+
+    def _drop_one(self) -> None:
+        buffer = self._buffer
+        victim = next((key for key, handle in buffer.items() if handle.finished), None)
+        if victim is None:
+            victim = next(iter(buffer))
+        del buffer[victim]
+        self._dropped += 1
+
+    @property
+    def buffered(self) -> int:
+        """Records waiting to be written."""
+        return len(self._buffer)
+
+    # The loop, in the tracker's lifespan task group.
+
+    async def start(self) -> None:
+        """Take this process's lease; raises what the store raises."""
+        await self.store.renew_lease(self.owner, self.lease_ttl)
+        self._lease_due = self._clock() + self.lease_ttl / 3
+
+    async def run(self) -> None:
+        """Write the buffer every `interval` seconds, until cancelled."""
+        while True:
+            await anyio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Renew the lease if due and write the buffer; never raises an
+        `Exception`. Returns whether everything was written."""
+        try:
+            if self._clock() >= self._lease_due:
+                await self.store.renew_lease(self.owner, self.lease_ttl)
+                self._lease_due = self._clock() + self.lease_ttl / 3
+            await self._write()
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        if self._failing:
+            self._failing = False
+            logger.info("The task store %r works again; statuses flow again", self.store)
+        return True
+
+    async def _write(self) -> None:
+        batch = self._buffer
+        if not batch:
+            return
+        self._buffer = {}
+        owner = self.owner
+        records = [{**handle.to_dict(), "owner": owner} for handle in batch.values()]
+        try:
+            await self.store.put(records, history_ttl=self.history_ttl)
+        except BaseException:
+            # Keep them for the next try; transitions filed meanwhile are newer.
+            batch.update(self._buffer)
+            self._buffer = batch
+            while len(batch) > self.max_buffered:
+                self._drop_one()
+            raise
+
+    def _failed(self, exc: Exception) -> None:
+        self._failing = True
+        now = self._clock()
+        if now < self._next_warning:
+            return
+        self._next_warning = now + self.warn_every
+        dropped, self._dropped = self._dropped, 0
+        logger.warning(
+            "The task store %r failed (%s: %s); %d record(s) wait to be written,"
+            " %d dropped since the last warning; retrying every %s s, next warning"
+            " in %s s at the earliest. Tasks run as usual.",
+            self.store,
+            type(exc).__name__,
+            exc,
+            len(self._buffer),
+            dropped,
+            self.interval,
+            self.warn_every,
+        )
+
+    async def close(self) -> None:
+        """At shutdown, after the drain: write what remains (and close the
+        store) within `SHUTDOWN_TIMEOUT` seconds; say what could not be written."""
+        with anyio.move_on_after(SHUTDOWN_TIMEOUT):
+            await self.flush()
+        if self._buffer:
+            logger.warning(
+                "%d task record(s) could not be written to the task store %r at shutdown",
+                len(self._buffer),
+                self.store,
+            )
+        with anyio.move_on_after(SHUTDOWN_TIMEOUT):
+            try:
+                await self.store.aclose()
+            except Exception as exc:
+                logger.warning("Closing the task store %r failed: %r", self.store, exc)

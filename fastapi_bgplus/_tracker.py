@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
@@ -16,9 +18,12 @@ from ._eventloop import current_library
 from ._handle import TaskHandle, TaskStatus, finished_mono
 from ._lifecycle import Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
+from ._store import STORE_METHODS, UNFINISHED, StoreWriter
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
+
+    from ._store import TaskStore
 
 __all__ = ["DEFAULT_HISTORY_SIZE", "DEFAULT_HISTORY_TTL", "TaskTracker"]
 
@@ -31,6 +36,7 @@ DEFAULT_HISTORY_TTL = 3600.0
 """Seconds a finished handle stays available for lookup, by default."""
 
 _STATE_KEY = "fastapi_bgplus.tracker"
+_TASK_ID = re.compile(r"[0-9a-f]{32}")  # as the status route checks it
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -165,13 +171,24 @@ class TaskTracker:
         history_ttl: Seconds a finished handle is kept; `None` for no limit.
         thread_limit: If set, the number of worker threads sync tasks may use
             at once, applied at startup (see `current_thread_limiter()`).
+        store: A `TaskStore` shared by every process of the application
+            (`SQLiteStore`, `RedisStore`, your own), so that `lookup()` and
+            the status route answer for the tasks of all of them. Records are
+            written from behind, every 0.2 s, never on the request path. At
+            startup the store must answer (or the startup fails with its
+            error); later failures are logged and retried, and never fail a
+            request or a task.
+        lease_ttl: Seconds this process's lease in the store lasts; it is
+            renewed every third of that. Once it has lapsed (the process was
+            killed), its unfinished tasks answer status ``"lost"``.
         detach: Detached mode: once a request is done, its tasks are handed to
             the tracker's own task group and the request ends at once, so the
             server no longer counts background work as a request in flight;
             the drain (`drain_timeout`) alone governs shutdown. The price: the
             request's `yield` dependencies have exited before its tasks run.
 
-    Raises `ValueError` for an argument out of its range, saying what is valid.
+    Raises `ValueError` for an argument out of its range, saying what is valid,
+    and `TypeError` for a store that lacks methods of the `TaskStore` protocol.
     One tracker serves one application at a time: starting it while it serves
     raises `RuntimeError`. It may start again once shut down.
     """
@@ -183,6 +200,8 @@ class TaskTracker:
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: float | None = DEFAULT_HISTORY_TTL,
         thread_limit: int | None = None,
+        store: TaskStore | None = None,
+        lease_ttl: float = 30.0,
         detach: bool = False,
     ) -> None:
         if not _is_seconds(drain_timeout):
@@ -204,11 +223,23 @@ class TaskTracker:
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
         if not isinstance(detach, bool):
             raise ValueError(f"detach must be True or False, got {detach!r}")
+        if not (_is_seconds(lease_ttl) and 0 < lease_ttl < math.inf):
+            raise ValueError(f"lease_ttl must be a number of seconds > 0, got {lease_ttl!r}")
+        if store is not None:
+            missing = [name for name in STORE_METHODS if not callable(getattr(store, name, None))]
+            if missing:
+                raise TypeError(
+                    f"store must implement the TaskStore protocol ({', '.join(STORE_METHODS)});"
+                    f" {type(store).__name__} lacks {', '.join(missing)}"
+                )
         self.drain_timeout = drain_timeout
         self.thread_limit = thread_limit
         self.detach = detach
+        self.store = store
+        self.lease_ttl = lease_ttl
         self._task_group: anyio.abc.TaskGroup | None = None  # detached runs, while serving
         self._ledger = _Ledger(history_size, history_ttl)
+        self._observers: tuple[TaskObserver, ...] = (self._ledger,)
         self._serving = False
         self._on_trio = False
         self._binding: Binding | None = None
@@ -231,13 +262,41 @@ class TaskTracker:
     def observers(self) -> tuple[TaskObserver, ...]:
         """Who hears the transitions of the tasks this tracker tracks (bound
         to each request's collection by `TrackedBackgroundTasks.for_request`)."""
-        return (self._ledger,)
+        return self._observers
 
     # Lookup
 
     def get(self, task_id: str) -> TaskHandle | None:
-        """The handle of the task with this id, or `None` if it is unknown or expired."""
+        """The handle of the task with this id, or `None` if it is unknown or expired.
+
+        Only this process's tasks: see `lookup()` for those of every process."""
         return self._ledger.get(task_id)
+
+    async def lookup(self, task_id: str) -> dict[str, Any] | None:
+        """The `TaskHandle.to_dict()` record of a task of any process sharing
+        the store, or `None` if it is unknown, expired or malformed.
+
+        This process's own tasks are answered from memory, at once; others
+        from the store, where an unfinished task whose process's lease has
+        lapsed answers status ``"lost"``. Without a store, only this
+        process's tasks are known. Raises what the store raises when it
+        cannot be reached (the status route answers `503` then).
+        """
+        handle = self._ledger.get(task_id)
+        if handle is not None:
+            return handle.to_dict()
+        store = self.store
+        if store is None or not _TASK_ID.fullmatch(task_id):
+            return None
+        record = await store.get(task_id)
+        if record is None:
+            return None
+        owner = record.pop("owner", None)
+        if record["status"] in UNFINISHED and not (
+            isinstance(owner, str) and await store.lease_alive(owner)
+        ):
+            record["status"] = TaskStatus.LOST.value
+        return record
 
     @property
     def in_flight(self) -> list[TaskHandle]:
@@ -247,15 +306,22 @@ class TaskTracker:
     def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
         """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
 
-        Unknown, expired or malformed ids get `404`; OpenAPI documents the
-        record's fields. Keyword arguments go to `fastapi.APIRouter` (``tags=``,
+        It answers from `lookup()`: with a store, for the tasks of every
+        process sharing it. Unknown, expired or malformed ids get `404`, and
+        `503` if the store cannot be reached; OpenAPI documents the record's
+        fields. Keyword arguments go to `fastapi.APIRouter` (``tags=``,
         ``dependencies=`` for auth, ...).
         """
+        from fastapi import HTTPException
+
         from ._router import status_router
 
         async def lookup(task_id: str) -> dict[str, Any] | None:
-            handle = self.get(task_id)
-            return handle.to_dict() if handle is not None else None
+            try:
+                return await self.lookup(task_id)
+            except Exception as exc:
+                # Not logged per request: the store's writer warns, once per window.
+                raise HTTPException(status_code=503, detail="Task store unavailable") from exc
 
         return status_router(lookup, prefix, **kwargs)
 
@@ -312,11 +378,54 @@ class TaskTracker:
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         async with self._detached_runs():
+            if self.store is None:
+                try:
+                    yield
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._drain()
+                return
+            writer = await self._start_writer(self.store)
+            error: BaseException | None = None
             try:
-                yield
+                async with anyio.create_task_group() as group:
+                    group.start_soon(writer.run)
+                    try:
+                        yield
+                    except BaseException as exc:
+                        # Raised again below, as it is: from inside the task
+                        # group it would come out wrapped in an exception group.
+                        error = exc
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await self._drain()
+                        group.cancel_scope.cancel()
+                if error is not None:
+                    raise error
             finally:
+                # The tasks are drained and the loop has stopped: write the
+                # last records (those of tasks cut off included), within a bound.
                 with anyio.CancelScope(shield=True):
-                    await self._drain()
+                    await writer.close()
+                self._set_observers((ledger,))
+
+    async def _start_writer(self, store: TaskStore) -> StoreWriter:
+        writer = StoreWriter(store, lease_ttl=self.lease_ttl, history_ttl=self._ledger.history_ttl)
+        try:
+            await writer.start()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await store.aclose()  # what it opened before failing
+            raise RuntimeError(
+                f"TaskTracker could not reach its task store {store!r} at startup:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
+        self._set_observers((self._ledger, writer))
+        return writer
+
+    def _set_observers(self, observers: tuple[TaskObserver, ...]) -> None:
+        self._observers = observers
+        self._reporter = None  # it holds the observers it was built with
 
     # Detached mode
 

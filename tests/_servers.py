@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -50,13 +50,17 @@ class Server:
 
 @contextmanager
 def serve(
-    tmp_path: Path, command: list[str], url: str, ready_path: str = "/health"
+    tmp_path: Path,
+    command: list[str],
+    url: str,
+    ready_path: str = "/health",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """Run `command` (a server listening at `url`) with the markers directory
-    of `tmp_path` in its environment, until it answers ``GET {ready_path}``."""
+    of `tmp_path` and `env` in its environment, until it answers ``GET {ready_path}``."""
     log = tmp_path / "server.log"
     (tmp_path / "markers").mkdir()
-    env = {**os.environ, "BGPLUS_MARKERS": str(tmp_path / "markers")}
+    env = {**os.environ, "BGPLUS_MARKERS": str(tmp_path / "markers"), **(env or {})}
     with log.open("wb") as output:
         process = subprocess.Popen(
             command,
@@ -85,12 +89,15 @@ def serve(
 
 
 @contextmanager
-def uvicorn(tmp_path: Path, *args: str) -> Iterator[Server]:
-    """uvicorn serving the shutdown app, with `args` added to its command line."""
+def uvicorn(
+    tmp_path: Path, *args: str, app: str = APP, env: Mapping[str, str] | None = None
+) -> Iterator[Server]:
+    """uvicorn serving `app` (the shutdown app by default), with `args` added
+    to its command line and `env` to its environment."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--no-access-log", *args]
-    with serve(tmp_path, command, f"http://127.0.0.1:{port}") as server:
+    with serve(tmp_path, command, f"http://127.0.0.1:{port}", env=env) as server:
         yield server
 
 

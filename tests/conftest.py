@@ -13,7 +13,10 @@ from starlette.types import ASGIApp
 
 from fastapi_bgplus import signals
 from tests.redis_server import redis_server as redis_server
+from tests.stores import memory_store as memory_store
 from tests.stores import redis_store as redis_store
+from tests.stores import sqlite_store as sqlite_store
+from tests.stores import store as store  # the store contract suite's fixture
 
 FASTAPI = tuple(int(part) for part in fastapi.__version__.split(".")[:3])
 """The installed FastAPI's version, e.g. ``(0, 128, 2)``, for `skipif` on older

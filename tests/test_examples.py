@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from typing import Literal
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 from starlette.testclient import TestClient
 
 from examples import app as example
+from fastapi_bgplus import SQLiteStore
 
 
 @pytest.fixture
@@ -47,6 +52,47 @@ def test_sign_up_refuses_a_malformed_address(client: TestClient) -> None:
 def test_unknown_task_id_is_404(client: TestClient) -> None:
     with client:
         assert client.get(f"/tasks/{'0' * 32}").status_code == 404
+
+
+def test_a_task_store_is_opt_in_through_the_environment(tmp_path: Path) -> None:
+    assert example.tracker.store is None  # BGPLUS_STORE is not set under the tests
+    assert example.store_from_url("") is None
+    store = example.store_from_url(f"sqlite://{tmp_path}/tasks.db")
+    assert isinstance(store, SQLiteStore)
+    assert store.path == f"{tmp_path}/tasks.db"
+    with pytest.raises(ValueError, match=r"use sqlite:///path/to/tasks\.db or redis://"):
+        example.store_from_url("postgres://localhost/tasks")
+
+
+WORKER = """
+import json, os, sys
+os.environ["BGPLUS_STORE"] = sys.argv[1]
+from starlette.testclient import TestClient
+from examples.app import app
+with TestClient(app) as client:
+    if sys.argv[2] == "sign-up":
+        print(json.dumps(client.post("/users", json={"email": "ada@example.com"}).json()))
+    else:
+        ids = json.loads(sys.argv[2]).items()
+        print(json.dumps({kind: client.get(f"/tasks/{i}").json()["status"] for kind, i in ids}))
+"""
+
+
+def test_the_example_app_shares_its_tasks_through_sqlite(tmp_path: Path) -> None:
+    """Two processes of the app (two workers) on one database: the second
+    answers for the tasks of the first."""
+
+    def worker(*args: str) -> Any:
+        command = [sys.executable, "-c", WORKER, f"sqlite://{tmp_path}/tasks.db", *args]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        return json.loads(done.stdout)
+
+    ids = worker("sign-up")["tasks"]
+    assert worker(json.dumps(ids)) == {
+        "welcome_email": "done",
+        "audit": "done",
+        "crm_webhook": "failed",
+    }
 
 
 def test_the_taskiq_examples_import_and_wire_the_middleware() -> None:

@@ -7,6 +7,7 @@ stop working, `warn_unused_ignores` (part of `--strict`) would flag the line.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,9 +18,12 @@ from starlette.responses import JSONResponse
 
 from fastapi_bgplus import (
     BackgroundTasks,
+    MemoryStore,
     RedisStore,
+    SQLiteStore,
     TaskHandle,
     TaskStatus,
+    TaskStore,
     TaskTracker,
     TrackedBackgroundTasks,
     current_thread_limiter,
@@ -116,11 +120,41 @@ async def run_it() -> None:
 def count_failure(sender: Any, **kwargs: Any) -> None: ...
 
 
+class DictStore:
+    """A user's own store: the protocol's five methods, nothing to inherit."""
+
+    async def put(self, records: Sequence[dict[str, Any]], *, history_ttl: float | None) -> None:
+        pass
+
+    async def get(self, task_id: str) -> dict[str, Any] | None: ...
+
+    async def renew_lease(self, owner: str, ttl: float) -> None: ...
+
+    async def lease_alive(self, owner: str) -> bool:
+        return True
+
+    async def aclose(self) -> None: ...
+
+
+class NoLeases:
+    async def get(self, task_id: str) -> dict[str, Any] | None: ...
+
+
+async def stores() -> None:
+    shared: TaskStore = SQLiteStore("/var/lib/myapp/tasks.db", busy_timeout=2.0)
+    tracker = TaskTracker(store=shared, lease_ttl=10.0)
+    TaskTracker(store=MemoryStore())
+    TaskTracker(store=DictStore())
+    TaskTracker(store=NoLeases())  # type: ignore[arg-type]
+    record: dict[str, Any] | None = await tracker.lookup("0" * 32)
+    local: TaskHandle | None = tracker.get("0" * 32)
+    print(record, local)
+
+
 # A taskiq task keeps its call site and its argument types.
 
 from taskiq import InMemoryBroker  # noqa: E402
 
-from fastapi_bgplus._store import MemoryStore  # noqa: E402
 from fastapi_bgplus.taskiq import TrackingMiddleware  # noqa: E402
 
 broker = InMemoryBroker().with_middlewares(TrackingMiddleware(MemoryStore(), lease_ttl=10.0))

@@ -1,0 +1,184 @@
+"""`SQLiteStore`: a task store in one SQLite file, for the workers of one host."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._store import FINISHED, Record
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bgplus_tasks (
+    task_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS bgplus_tasks_expiry ON bgplus_tasks (expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS bgplus_leases (
+    owner TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+"""
+
+
+class SQLiteStore:
+    """A `TaskStore` in an SQLite database file, shared by the worker
+    processes of one host (``uvicorn --workers N``, gunicorn).
+
+    Standard library only. The database runs in WAL mode, so readers never
+    wait for writers; each process holds two connections, one that writes and
+    one that reads (so a lookup never queues behind a write waiting for a
+    lock), each used from one worker thread at a time: never on the event
+    loop, never on the thread limiter of endpoints or tasks. Expired records
+    and leases are purged every `purge_every` seconds. Expiry uses the host's
+    wall clock.
+
+    Parameters:
+        path: The database file; created with its tables if missing. Its
+            directory must exist and be writable by every worker's user:
+            SQLite writes ``-wal`` and ``-shm`` files beside it. Not on a
+            network file system (NFS, SMB): SQLite's locks do not hold there.
+        busy_timeout: Seconds a write waits for another process's write.
+        purge_every: Seconds between two purges of expired rows.
+
+    Nothing is opened until the first use. An unusable path raises `OSError`
+    then, which at startup stops the application (see `TaskTracker`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        purge_every: float = 60.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.busy_timeout = busy_timeout
+        self.purge_every = purge_every
+        # Per role ("write", "read"): one connection, and a limiter of one
+        # thread so that it is never used by two threads at once.
+        self._connections: dict[str, sqlite3.Connection] = {}
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._next_purge = 0.0
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    async def _call(self, role: str, func: Callable[..., T], *args: object) -> T:
+        limiter = self._limiters.get(role)
+        if limiter is None:
+            limiter = self._limiters[role] = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(func, role, *args, limiter=limiter)
+
+    def _connect(self, role: str) -> sqlite3.Connection:
+        connection = self._connections.get(role)
+        if connection is not None:
+            return connection
+        connection = None
+        try:
+            connection = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # transactions are explicit
+                check_same_thread=False,  # used by one thread at a time, not always the same
+            )
+            connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            if connection is not None:
+                connection.close()
+            raise OSError(
+                f"SQLiteStore cannot use the database file {self.path!r}: {exc}. Check that"
+                f" its directory exists and that this process's user may create and write"
+                f" files in it (SQLite adds {os.path.basename(self.path)}-wal and -shm"
+                f" beside it), or pass another path"
+            ) from exc
+        self._connections[role] = connection
+        return connection
+
+    def _put(self, role: str, records: Sequence[Record], history_ttl: float | None) -> None:
+        connection = self._connect(role)
+        now = time.time()
+        expires_at = None if history_ttl is None else now + history_ttl
+        rows = [
+            (
+                record["task_id"],
+                json.dumps(record, separators=(",", ":")),
+                expires_at if record["status"] in FINISHED else None,
+            )
+            for record in records
+        ]
+        # IMMEDIATE: take the write lock now (waiting up to busy_timeout),
+        # not halfway through, where SQLite could only fail.
+        connection.execute("BEGIN IMMEDIATE")
+        with connection:  # commits, or rolls back on an error
+            connection.executemany(
+                "INSERT OR REPLACE INTO bgplus_tasks (task_id, record, expires_at)"
+                " VALUES (?, ?, ?)",
+                rows,
+            )
+            if now >= self._next_purge:
+                self._next_purge = now + self.purge_every
+                connection.execute("DELETE FROM bgplus_tasks WHERE expires_at <= ?", (now,))
+                connection.execute("DELETE FROM bgplus_leases WHERE expires_at <= ?", (now,))
+
+    async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
+        await self._call("write", self._put, records, history_ttl)
+
+    def _get(self, role: str, task_id: str) -> Record | None:
+        row = (
+            self._connect(role)
+            .execute("SELECT record, expires_at FROM bgplus_tasks WHERE task_id = ?", (task_id,))
+            .fetchone()
+        )
+        if row is None or (row[1] is not None and row[1] <= time.time()):
+            return None
+        record: Record = json.loads(row[0])
+        return record
+
+    async def get(self, task_id: str) -> Record | None:
+        return await self._call("read", self._get, task_id)
+
+    def _renew_lease(self, role: str, owner: str, ttl: float) -> None:
+        self._connect(role).execute(
+            "INSERT OR REPLACE INTO bgplus_leases (owner, expires_at) VALUES (?, ?)",
+            (owner, time.time() + ttl),
+        )
+
+    async def renew_lease(self, owner: str, ttl: float) -> None:
+        await self._call("write", self._renew_lease, owner, ttl)
+
+    def _lease_alive(self, role: str, owner: str) -> bool:
+        row = (
+            self._connect(role)
+            .execute("SELECT expires_at FROM bgplus_leases WHERE owner = ?", (owner,))
+            .fetchone()
+        )
+        return row is not None and bool(row[0] > time.time())
+
+    async def lease_alive(self, owner: str) -> bool:
+        return await self._call("read", self._lease_alive, owner)
+
+    def _close(self, role: str) -> None:
+        connection = self._connections.pop(role, None)
+        if connection is not None:
+            connection.close()
+
+    async def aclose(self) -> None:
+        for role in list(self._limiters):
+            await self._call(role, self._close)
+        self._limiters.clear()
