@@ -99,23 +99,35 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             a handle of its own in `handles`.
     """
 
-    # Defaults on the class: a collection is built per request, and most of
-    # these never change from them.
-    _report: Reporter = UNBOUND
-    _runners: dict[int, TaskRunner] | None = None  # by index, for special tasks
-    _started = False
-    _accepting = True  # neither started nor closed
-    _closed: str | None = None  # why later tasks cannot run, once closed
-    _cancel_reason: str | None = None
-    _host: Any = None  # what `cancel()` cancels while it runs
-    # Set by `for_request` when a tracker may `cancel()` it: whether it runs on trio.
-    _trio: bool | None = None
-    # Set by `for_request` in detached mode: hands the run to the tracker.
-    _spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
+    # Slots: a collection is built per request, and slot reads and writes are
+    # cheaper than an instance dict's (Starlette's class still gives one).
+    __slots__ = (
+        "_accepting",
+        "_cancel_reason",
+        "_closed",
+        "_host",
+        "_report",
+        "_runners",
+        "_spawn",
+        "_started",
+        "_trio",
+        "handles",
+    )
 
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
         self.tasks: list[BackgroundTask] = []
         self.handles: list[TaskHandle] = []
+        self._report: Reporter = UNBOUND
+        self._runners: dict[int, TaskRunner] | None = None  # by index, for special tasks
+        self._started = False
+        self._accepting = True  # neither started nor closed
+        self._closed: str | None = None  # why later tasks cannot run, once closed
+        self._cancel_reason: str | None = None
+        self._host: Any = None  # what `cancel()` cancels while it runs
+        # Set by `for_request` when a tracker may `cancel()` it: whether it runs on trio.
+        self._trio: bool | None = None
+        # Set by `for_request` in detached mode: hands the run to the tracker.
+        self._spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
         if not tasks:
             return
         for task in tasks:
