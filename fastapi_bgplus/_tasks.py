@@ -251,12 +251,14 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             )
         self._started = True
         self._accepting = False
-        await self._run()
-
-    async def _run(self) -> None:
         if self._trio is None:
             await self._run_tasks()  # no tracker can cut it off: no need to prepare for it
-        elif self._trio:
+        else:
+            await self._run_cancellable()
+
+    async def _run_cancellable(self) -> None:
+        """Run so that the tracker's `cancel()` can cut the collection off."""
+        if self._trio:
             await _run_in_trio_scope(self)
         else:
             # Not an anyio `CancelScope`: on asyncio, creating and entering one
@@ -294,7 +296,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         if error is None:
             if not self._started:
                 spawn = self._spawn
-                if spawn is not None and spawn(self._run):
+                if spawn is not None and spawn(self._run_cancellable):
                     # Started from now on: nothing else may run it (FastAPI's
                     # own background, on versions without exit stacks).
                     self._started = True
