@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import tracemalloc
+from collections.abc import Mapping
+from typing import Any
 
 import anyio
 from _common import print_header, table
@@ -36,19 +39,18 @@ def traced() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
-def bound(tracker: TaskTracker) -> TrackedBackgroundTasks:
-    tasks = TrackedBackgroundTasks()
-    tasks._tracker = tracker  # what get_background_tasks() does under the lifespan
-    return tasks
+def bound(state: Mapping[str, Any]) -> TrackedBackgroundTasks:
+    """A collection bound to the tracker, as get_background_tasks() binds a request's."""
+    return TrackedBackgroundTasks.for_request({"type": "http", "state": dict(state)})
 
 
 async def per_task(batch: int) -> tuple[float, float]:
     """Bytes per pending and per finished (kept in the history) task."""
     tracker = TaskTracker(history_size=batch)
-    async with tracker.lifespan(None):
-        await warm_up(tracker)
+    async with tracker.lifespan(None) as state:
+        await warm_up(state)
         before = traced()
-        tasks = bound(tracker)
+        tasks = bound(state)
         for _ in range(batch):
             tasks.add_task(noop)
         pending = traced() - before
@@ -58,29 +60,36 @@ async def per_task(batch: int) -> tuple[float, float]:
     return pending / batch, finished / batch
 
 
-async def warm_up(tracker: TaskTracker) -> None:
+async def warm_up(state: Mapping[str, Any]) -> None:
     """Run a few tasks, so that caches and lazily built objects are not counted."""
     for _ in range(100):
-        tasks = bound(tracker)
+        tasks = bound(state)
         tasks.add_task(noop)
         await tasks.run()
+
+
+def history_length(tracker: TaskTracker) -> int:
+    """Finished handles the tracker keeps, as its repr says (no API counts them)."""
+    match = re.search(r"history=(\d+)", repr(tracker))
+    assert match is not None
+    return int(match[1])
 
 
 async def ceiling(total: int, samples: int) -> list[tuple[int, int, int]]:
     """(tasks so far, tracked bytes, handles in history) every total/samples tasks."""
     tracker = TaskTracker()
     points = []
-    async with tracker.lifespan(None):
-        await warm_up(tracker)
+    async with tracker.lifespan(None) as state:
+        await warm_up(state)
         base = traced()
         step = total // samples
         for done in range(step, total + 1, step):
             for _ in range(step):
-                tasks = bound(tracker)
+                tasks = bound(state)
                 tasks.add_task(noop)
                 await tasks.run()
             del tasks
-            points.append((done, traced() - base, len(tracker._history)))
+            points.append((done, traced() - base, history_length(tracker)))
     return points
 
 
