@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from examples.redis_status_store import lookup
 from examples.taskiq_worker import broker, send_welcome_email, store
 from fastapi_bgplus import BackgroundTasks, TaskTracker
 
@@ -38,8 +36,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.shutdown()
 
 
-tracker = TaskTracker()
+tracker = TaskTracker(store=store)
 app = FastAPI(lifespan=tracker.wrap(lifespan))
+# GET /tasks/{task_id}: this process's task, else the store's record.
+app.include_router(tracker.router(prefix="/tasks"))
 
 
 class SignUp(BaseModel):
@@ -50,11 +50,3 @@ class SignUp(BaseModel):
 async def sign_up(body: SignUp, tasks: BackgroundTasks) -> dict[str, str]:
     handle = tasks.add_task(send_welcome_email, body.email)
     return {"task_id": handle.task_id}
-
-
-@app.get("/tasks/{task_id}")
-async def task_status(task_id: str) -> dict[str, Any]:
-    record = await lookup(tracker, store, task_id)
-    if record is None:
-        raise HTTPException(status_code=404, detail="Unknown task id")
-    return record

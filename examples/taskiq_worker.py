@@ -20,15 +20,14 @@ from typing import Any
 import anyio
 from taskiq_redis import RedisStreamBroker
 
-from examples.redis_status_store import RedisStatusStore
-from fastapi_bgplus import signals
+from fastapi_bgplus import RedisStore, signals
 from fastapi_bgplus.taskiq import TrackingMiddleware
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
 
 logger = logging.getLogger("examples.taskiq_worker")
 
-store = RedisStatusStore(REDIS_URL)
+store = RedisStore(REDIS_URL)  # the task store: this worker writes, the web app reads
 broker = RedisStreamBroker(
     REDIS_URL,
     # A message is acknowledged once its task has run: a worker that dies

@@ -28,7 +28,7 @@ from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks
 from fastapi_bgplus._store import MemoryStore, Record
 from fastapi_bgplus.taskiq import QUEUED, TrackingMiddleware
 
-from ._redis import free_port
+from ._servers import free_port
 from .apps.memory import request_tasks
 from .conftest import Sent
 

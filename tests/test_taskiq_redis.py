@@ -25,13 +25,11 @@ import httpx2
 import pytest
 import redis
 
-from ._redis import redis_url
 from ._servers import REPO, Server, free_port, serve
 from .apps.taskiq_worker import IDLE_TIMEOUT_MS
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
-
-__all__ = ["redis_url"]  # the fixture, imported for the tests below
 
 T = TypeVar("T")
 
@@ -117,9 +115,9 @@ class Deployment:
 
 @pytest.fixture
 def deployment(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Deployment]:
-    deployment = Deployment(redis_url, tmp_path)
+    deployment = Deployment(redis_server.url, tmp_path)
     deployment.env(monkeypatch)
     yield deployment
     deployment.redis.close()
@@ -296,10 +294,10 @@ def test_a_worker_killed_mid_queue_loses_no_task(deployment: Deployment) -> None
 
 
 def test_the_taskiq_example_runs_against_redis(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    deployment = Deployment(redis_url, tmp_path)
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    deployment = Deployment(redis_server.url, tmp_path)
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "examples.taskiq_app:app"]
     command += ["--host", "127.0.0.1", "--port", str(port)]

@@ -8,7 +8,8 @@ task of tests/apps/taskiq_worker.py (same environment).
   that trace context.
 - ``POST /batch?n=N&seconds=S`` queues N taskiq tasks (keys b0...); their ids.
 - ``POST /boom`` queues a taskiq task, then fails.
-- ``GET /tasks/{id}``: this process's task, else the store's record.
+- ``GET /tasks/{id}``: ``tracker.router()``, this process's task, else the
+  store's record.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from opentelemetry import context
 from opentelemetry.propagate import extract
 
-from examples.redis_status_store import lookup
 from fastapi_bgplus import BackgroundTasks, TaskTracker
 
 from .taskiq_worker import Setup
@@ -40,7 +39,7 @@ def from_env() -> FastAPI:
         yield
         await broker.shutdown()
 
-    tracker = TaskTracker()
+    tracker = TaskTracker(store=setup.store, lease_ttl=setup.middleware.lease_ttl)
     app = FastAPI(lifespan=tracker.wrap(lifespan))
 
     @app.get("/health")
@@ -72,11 +71,5 @@ def from_env() -> FastAPI:
         tasks.add_task(setup.work, "boom", 0.0, False)
         raise RuntimeError("the request failed")
 
-    @app.get("/tasks/{task_id}")
-    async def task_status(task_id: str) -> dict[str, Any]:
-        record = await lookup(tracker, setup.store, task_id)
-        if record is None:
-            raise HTTPException(status_code=404)
-        return record
-
+    app.include_router(tracker.router(prefix="/tasks"))
     return app

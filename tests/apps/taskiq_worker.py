@@ -21,8 +21,7 @@ from opentelemetry import trace
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqEvents, TaskiqState
 from taskiq_redis import RedisStreamBroker
 
-from examples.redis_status_store import RedisStatusStore
-from fastapi_bgplus import signals
+from fastapi_bgplus import RedisStore, signals
 from fastapi_bgplus.taskiq import TrackingMiddleware
 
 IDLE_TIMEOUT_MS = 3000
@@ -40,7 +39,7 @@ class Setup:
         self.url = os.environ["REDIS_URL"]
         self.queue = os.environ["BGPLUS_QUEUE"]
         self.markers = Path(os.environ["BGPLUS_MARKERS"])
-        self.store = RedisStatusStore(self.url, prefix=self.queue)
+        self.store = RedisStore(self.url, prefix=f"{self.queue}:")
         self.middleware = TrackingMiddleware(
             self.store, lease_ttl=float(os.environ.get("BGPLUS_LEASE_TTL", "30"))
         )
