@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import TYPE_CHECKING, Annotated
 
 import fastapi
@@ -42,24 +41,17 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         """
         tasks = TrackedBackgroundTasks.for_request(connection)
         scope = connection.scope
-        request_stack: AsyncExitStack = scope["fastapi_inner_astack"]
-
-        async def end_request(
-            exc_type: type[BaseException] | None,
-            exc: BaseException | None,
-            tb: TracebackType | None,
-        ) -> None:
-            await tasks.end_request(exc)
-
-        async def after_endpoint() -> None:
-            # Exits unwind last in, first out: pushed once the endpoint has
-            # returned, and every dependency has been entered, `end_request`
-            # runs before any `yield` dependency exits, whatever the parameter
-            # order, and after the response has been sent.
-            request_stack.push_async_exit(end_request)
-
-        scope["fastapi_function_astack"].push_async_callback(after_endpoint)
+        scope["fastapi_function_astack"].push_async_callback(
+            _after_endpoint, scope["fastapi_inner_astack"], tasks
+        )
         return tasks
+
+    async def _after_endpoint(request_stack: AsyncExitStack, tasks: TrackedBackgroundTasks) -> None:
+        # Exits unwind last in, first out: pushed once the endpoint has
+        # returned, and every dependency has been entered, the collection's
+        # exit (`end_request`) runs before any `yield` dependency exits,
+        # whatever the parameter order, and after the response has been sent.
+        request_stack.push_async_exit(tasks)
 
 else:  # pragma: no cover  (FastAPI < 0.121)
 

@@ -6,7 +6,7 @@ import inspect
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
-from types import FunctionType
+from types import FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 import anyio
@@ -282,6 +282,20 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
 
     # `await tasks()` is `await tasks.run()`, without a coroutine in between.
     __call__ = run
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """``async with TrackedBackgroundTasks.for_request(request) as tasks:``:
+        leaving the block is the end of the request (`end_request`): the tasks
+        run, or are abandoned if the block raised, and the collection closes."""
+        await self.end_request(exc)
 
     async def end_request(self, error: BaseException | None) -> None:
         """Settle the collection at the end of its request, and close it.

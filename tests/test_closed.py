@@ -283,3 +283,24 @@ def test_a_late_task_from_a_foreign_thread_is_still_reported(
     assert handle.status == "cancelled"
     assert [(e.sender, e.kwargs["handle"]) for e in sent] == [("the app", handle)]
     assert any("no event loop to run it on" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_a_collection_used_as_a_context_ends_its_request_on_exit(sent: list[Sent]) -> None:
+    """``async with`` is how the FastAPI provider ends a request's collection:
+    leaving the block runs the tasks, or abandons them if it raised; then the
+    collection is closed."""
+    async with TrackedBackgroundTasks.for_request({"type": "http"}) as tasks:
+        done = tasks.add_task(alert_ops, "ran")
+    assert done.status == "done"
+    assert ran == ["ran"]
+    assert tasks.add_task(alert_ops, "late").status == "cancelled"
+
+    with pytest.raises(LookupError):
+        async with TrackedBackgroundTasks.for_request({"type": "http"}) as failing:
+            never = failing.add_task(alert_ops, "never")
+            raise LookupError("the block broke")
+    assert never.status == "cancelled"
+    assert ran == ["ran"]
+    reasons = [e.kwargs["reason"] for e in sent if e.kwargs["handle"] is never]
+    assert reasons == ["the request failed with LookupError before its tasks ran; it never started"]
