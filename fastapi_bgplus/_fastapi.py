@@ -71,6 +71,8 @@ else:  # pragma: no cover  (FastAPI < 0.121)
         it runs after the response; if FastAPI drops them (a response with its
         own background), it runs from this dependency's exit."""
         tasks = TrackedBackgroundTasks.for_request(connection)
+        # Detached mode needs the exit stacks: here the tasks run in the request.
+        tasks._spawn = None
         # `end_request`, not `run`: it runs the tasks and closes the collection
         # in one go, so a task added after they ran (from the exit code of a
         # `yield` dependency) ends cancelled at once instead of raising; it

@@ -7,6 +7,8 @@ from starlette.testclient import TestClient
 
 from examples import app as example
 
+from .conftest import NEEDS_TASKIQ_REDIS_1_1
+
 
 @pytest.fixture
 def client(anyio_backend: Literal["asyncio", "trio"]) -> TestClient:
@@ -49,6 +51,7 @@ def test_unknown_task_id_is_404(client: TestClient) -> None:
         assert client.get(f"/tasks/{'0' * 32}").status_code == 404
 
 
+@NEEDS_TASKIQ_REDIS_1_1  # the worker example uses RedisStreamBroker
 def test_the_taskiq_examples_import_and_wire_the_middleware() -> None:
     # Run for real against Redis in tests/test_taskiq_redis.py.
     from examples import taskiq_app, taskiq_worker
