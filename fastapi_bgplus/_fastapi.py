@@ -63,7 +63,13 @@ else:  # pragma: no cover  (FastAPI < 0.121)
         it runs after the response; if FastAPI drops them (a response with its
         own background), it runs from this dependency's exit."""
         tasks = TrackedBackgroundTasks.for_request(connection)
-        fastapi_tasks.add_task(tasks.run)
+        # Detached mode needs the exit stacks: here the tasks run in the request.
+        tasks._spawn = None
+        # `end_request`, not `run`: it runs the tasks and closes the collection
+        # in one go, so a task added after they ran (from the exit code of a
+        # `yield` dependency) ends cancelled at once instead of raising; it
+        # runs them only if nothing else has started them.
+        fastapi_tasks.add_task(tasks.end_request, None)
         try:
             yield tasks
         except BaseException as exc:
@@ -72,7 +78,10 @@ else:  # pragma: no cover  (FastAPI < 0.121)
         # FastAPI >= 0.118 (which set this key) exits yield dependencies after
         # the response. Before, they exit before it is sent: settling here would
         # run the tasks ahead of the response, so FastAPI's background runs them.
-        if "fastapi_inner_astack" in connection.scope:
+        # A websocket has no response, and FastAPI never runs its background:
+        # its tasks run here, once the endpoint has returned, on every version.
+        scope = connection.scope
+        if "fastapi_inner_astack" in scope or scope["type"] == "websocket":
             await tasks.end_request(None)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from typing import Any, Literal, NamedTuple, Protocol
 
 import anyio
@@ -21,6 +22,29 @@ from tests.stores import store as store  # the store contract suite's fixture
 FASTAPI = tuple(int(part) for part in fastapi.__version__.split(".")[:3])
 """The installed FastAPI's version, e.g. ``(0, 128, 2)``, for `skipif` on older
 ones; scripts/matrix runs the suite on them."""
+
+
+def _version(distribution: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in metadata.version(distribution).split(".")[:3])
+
+
+NEEDS_TASKIQ_REDIS_1_1 = pytest.mark.skipif(
+    _version("taskiq-redis") < (1, 1),
+    reason="taskiq-redis < 1.1 (the last for redis 5, which the floor cell tests) imports"
+    " names taskiq 0.13 (the taskiq floor) no longer has, and has no"
+    " unacknowledged_lock_timeout",
+)
+"""For tests that use taskiq-redis: import it inside them, not at module level."""
+
+STRICT_WARNINGS = [
+    "-W",
+    "error",
+    # Starlette < 0.49's TestClient under anyio >= 4.12, as in pyproject.toml.
+    "-W",
+    "ignore:The anyio.abc.BlockingPortal alias is deprecated:DeprecationWarning",
+]
+"""The options of a Python subprocess that treats warnings as errors, as pytest
+does here (pyproject.toml's ``filterwarnings``)."""
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -12,6 +12,8 @@ from starlette.testclient import TestClient
 from examples import app as example
 from fastapi_bgplus import SQLiteStore
 
+from .conftest import NEEDS_TASKIQ_REDIS_1_1
+
 
 @pytest.fixture
 def client(anyio_backend: Literal["asyncio", "trio"]) -> TestClient:
@@ -95,6 +97,7 @@ def test_the_example_app_shares_its_tasks_through_sqlite(tmp_path: Path) -> None
     }
 
 
+@NEEDS_TASKIQ_REDIS_1_1  # the worker example uses RedisStreamBroker
 def test_the_taskiq_examples_import_and_wire_the_middleware() -> None:
     # Run for real against Redis in tests/test_taskiq_redis.py.
     from examples import taskiq_app, taskiq_worker

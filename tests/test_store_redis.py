@@ -28,6 +28,7 @@ import redis.exceptions
 
 from fastapi_bgplus import RedisStore
 from fastapi_bgplus._store_redis import UNFINISHED_EXPIRY_S
+from tests.conftest import STRICT_WARNINGS
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -382,7 +383,7 @@ def test_trio_is_refused_clearly() -> None:
 
 def run_python(script: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", textwrap.dedent(script)],
+        [sys.executable, *STRICT_WARNINGS, "-c", textwrap.dedent(script)],
         cwd=ROOT,
         capture_output=True,
         text=True,

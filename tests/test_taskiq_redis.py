@@ -26,7 +26,12 @@ import pytest
 import redis
 
 from ._servers import REPO, Server, free_port, serve
-from .apps.taskiq_worker import IDLE_TIMEOUT_MS
+from .conftest import NEEDS_TASKIQ_REDIS_1_1
+
+if NEEDS_TASKIQ_REDIS_1_1.args[0]:
+    pytest.skip(NEEDS_TASKIQ_REDIS_1_1.kwargs["reason"], allow_module_level=True)
+
+from .apps.taskiq_worker import IDLE_TIMEOUT_MS  # after the skip: it imports taskiq_redis
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.slow

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import STRICT_WARNINGS
+
 ROOT = Path(__file__).parent.parent
 
 BLOCK = textwrap.dedent(
@@ -81,7 +83,7 @@ RUN = textwrap.dedent(
 def test_tasks_run_and_opentelemetry_is_never_imported(blocked: list[str], check: str) -> None:
     script = BLOCK.format(blocked=set(blocked)) + RUN + textwrap.dedent(check) + 'print("ok")\n'
     result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", script],
+        [sys.executable, *STRICT_WARNINGS, "-c", script],
         cwd=ROOT,
         capture_output=True,
         text=True,
