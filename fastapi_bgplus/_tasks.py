@@ -276,9 +276,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                     raise  # cancelled by someone else as well
             finally:
                 self._host = None
-                for handle in self.handles:
-                    if handle.error is not None:
-                        _forget_arguments(handle.error)
+                _forget_arguments(self)
 
     # `await tasks()` is `await tasks.run()`, without a coroutine in between.
     __call__ = run
@@ -412,16 +410,26 @@ async def _run_in_trio_scope(tasks: TrackedBackgroundTasks) -> None:
             await tasks._run_tasks()
         finally:
             tasks._host = None
-            for handle in tasks.handles:
-                if handle.error is not None:
-                    _forget_arguments(handle.error)
+            _forget_arguments(tasks)
 
 
-def _forget_arguments(error: BaseException) -> None:
-    """A tracked collection has run: a failed handle keeps its exception and
-    traceback, but the tracker's history must not keep the request's
-    arguments alive through the frames' locals."""
-    traceback.clear_frames(error.__traceback__)
+def _forget_arguments(tasks: TrackedBackgroundTasks) -> None:
+    """A tracked collection has run: a failed handle, kept in the tracker's
+    history, keeps its exception and a traceback that still formats, but not
+    the request's arguments. Its frames' locals are cleared, and so are the
+    tasks' arguments, which the run's own frames still reach (from Python
+    3.12, a finished frame keeps its caller's frame alive)."""
+    failed = False
+    for handle in tasks.handles:
+        if handle.error is not None:
+            traceback.clear_frames(handle.error.__traceback__)
+            failed = True
+    if failed:
+        no_args: Any = ()
+        no_kwargs: Any = {}
+        for task in tasks.tasks:
+            task.args = no_args
+            task.kwargs = no_kwargs
 
 
 class TaskRunner(Protocol):

@@ -676,14 +676,6 @@ class Secret:
     """An argument that a test can tell is still alive."""
 
 
-@pytest.mark.xfail(
-    sys.version_info >= (3, 12),
-    reason="found by scripts/matrix, not fixed yet: on Python >= 3.12 a finished frame"
-    " keeps f_back, so error.__traceback__ -> _run_tasks frame -> f_back -> the run frame"
-    " (self: the collection, holding the task's arguments); traceback.clear_frames clears"
-    " only the traceback's own frames",
-    strict=True,
-)
 @pytest.mark.anyio
 async def test_a_failed_task_in_the_history_keeps_no_argument_alive() -> None:
     """The handle keeps its exception and a traceback that still formats, not
