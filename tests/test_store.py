@@ -65,10 +65,18 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.failing = False
         self.failures = 0
-        self.failed_enough = anyio.Event()
+        self._failed_enough: anyio.Event | None = None
         self.enough = 3
         self.hold: anyio.Event | None = None
         self.puts = 0
+
+    @property
+    def failed_enough(self) -> anyio.Event:
+        """Set once `enough` writes have failed; made in the event loop, as
+        anyio 4.1 (the floor) requires."""
+        if self._failed_enough is None:
+            self._failed_enough = anyio.Event()
+        return self._failed_enough
 
     def _check(self) -> None:
         if self.failing:
