@@ -517,7 +517,11 @@ async def test_an_unusable_sqlite_path_stops_the_startup_and_says_what_to_do(
     tracker.store = SQLiteStore(tmp_path / "tasks.db")
     async with tracker.lifespan(None) as state:
         (handle,) = await run_tasks(state, 1)
-    assert await SQLiteStore(tmp_path / "tasks.db").get(handle.task_id) is not None
+    reader = SQLiteStore(tmp_path / "tasks.db")
+    try:
+        assert await reader.get(handle.task_id) is not None
+    finally:
+        await reader.aclose()
 
 
 @pytest.mark.anyio
