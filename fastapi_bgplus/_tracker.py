@@ -425,7 +425,7 @@ class TaskTracker:
 
     def _set_observers(self, observers: tuple[TaskObserver, ...]) -> None:
         self._observers = observers
-        self._reporter = None  # it holds the observers it was built with
+        self._binding = None  # it holds the observers it was built with
 
     # Detached mode
 
