@@ -99,8 +99,11 @@ def http_implementation() -> str:
     return "httptools" if version("httptools") != "not installed" else "h11"
 
 
-def start_uvicorn(app: str, port: int, *, cpus: str | None, http: str) -> subprocess.Popen[bytes]:
-    """One uvicorn worker serving ``benchmarks/<app>`` on 127.0.0.1, ready when returned."""
+def start_uvicorn(
+    app: str, port: int, *, cpus: str | None, http: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """One uvicorn worker serving ``benchmarks/<app>`` on 127.0.0.1, ready when
+    returned; `env` adds to the server's environment."""
     command = [
         sys.executable, "-m", "uvicorn", app,
         "--app-dir", str(BENCHMARKS),
@@ -110,8 +113,8 @@ def start_uvicorn(app: str, port: int, *, cpus: str | None, http: str) -> subpro
     ]  # fmt: skip
     if cpus is not None:
         command = ["taskset", "-c", cpus, *command]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    environment = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -3,12 +3,15 @@
 One FastAPI app, with the `TaskTracker` lifespan on, as a user of fastapi-bgplus
 would run it.
 
-Per request (the same realistic endpoint three times): ``POST /plain`` queues
-nothing, ``POST /fastapi`` queues one no-op async task through
-`fastapi.BackgroundTasks`, ``POST /bgplus`` through `fastapi_bgplus.BackgroundTasks`.
-Each validates a small JSON order with Pydantic and answers a JSON receipt.
-``POST /untracked`` is the bgplus one with its collection not bound to the
-tracker, as in an app without the lifespan hook.
+Per request (the same realistic endpoint in several variants): ``POST /plain``
+queues nothing, ``POST /fastapi`` queues one no-op async task through
+`fastapi.BackgroundTasks`, ``POST /floor`` does the same and takes one plain
+dependency besides, ``POST /bgplus`` queues it through
+`fastapi_bgplus.BackgroundTasks`. Each validates a small JSON order with
+Pydantic and answers a JSON receipt. ``POST /untracked`` is the bgplus one with
+its collection not bound to the tracker, as in an app without the lifespan
+hook. With ``BGPLUS_BENCH_ONLY=<variant>`` the app has only that variant's
+route, first (see `VARIANTS`).
 
 Starvation: ``POST /block/fastapi`` and ``POST /block/bgplus`` queue one blocking
 sync task (``time.sleep``) each; ``GET /ping`` is a plain ``def`` endpoint, run
@@ -38,7 +41,10 @@ from fastapi_bgplus import TrackedBackgroundTasks
 
 # per_request.py's "sqlite" variant: a second server whose tracker has a store.
 _sqlite = os.environ.get("BGPLUS_BENCH_SQLITE")
-tracker = fastapi_bgplus.TaskTracker(store=fastapi_bgplus.SQLiteStore(_sqlite) if _sqlite else None)
+tracker = fastapi_bgplus.TaskTracker(
+    store=fastapi_bgplus.SQLiteStore(_sqlite) if _sqlite else None,
+    history_size=int(os.environ.get("BGPLUS_BENCH_HISTORY", fastapi_bgplus.DEFAULT_HISTORY_SIZE)),
+)
 app = FastAPI(lifespan=tracker.lifespan)
 
 _order_ids = itertools.count(1)
@@ -78,12 +84,10 @@ async def after_bgplus(order_id: int) -> None:
     _ran["bgplus"] += 1
 
 
-@app.post("/plain")
 async def plain(order: Order) -> Receipt:
     return receipt(order)
 
 
-@app.post("/fastapi")
 async def with_fastapi(order: Order, tasks: fastapi.BackgroundTasks) -> Receipt:
     result = receipt(order)
     tasks.add_task(after_fastapi, result.order_id)
@@ -94,7 +98,6 @@ async def one_plain_dependency() -> int:
     return 1
 
 
-@app.post("/floor")
 async def with_floor(
     order: Order,
     tasks: fastapi.BackgroundTasks,
@@ -106,7 +109,6 @@ async def with_floor(
     return result
 
 
-@app.post("/bgplus")
 async def with_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Receipt:
     result = receipt(order)
     tasks.add_task(after_bgplus, result.order_id)
@@ -121,26 +123,35 @@ async def untracked_provider(connection: HTTPConnection) -> TrackedBackgroundTas
     """The shipped provider's mechanism with a collection bound to no tracker,
     as in an app without the `TaskTracker` lifespan: what tracking costs."""
     tasks = TrackedBackgroundTasks()
-    request_stack = connection.scope["fastapi_inner_astack"]
-
-    async def end_request(exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        await tasks.end_request(exc)
-
-    async def after_endpoint() -> None:
-        request_stack.push_async_exit(end_request)
-
-    connection.scope["fastapi_function_astack"].push_async_callback(after_endpoint)
+    scope = connection.scope
+    scope["fastapi_function_astack"].callback(scope["fastapi_inner_astack"].push_async_exit, tasks)
     return tasks
 
 
 Untracked = Annotated[TrackedBackgroundTasks, Depends(untracked_provider)]
 
 
-@app.post("/untracked")
 async def with_untracked(order: Order, tasks: Untracked) -> Receipt:
     result = receipt(order)
     tasks.add_task(after_untracked, result.order_id)
     return result
+
+
+# The variants of the endpoint, each at ``/{variant}``. `per_request.py` serves
+# each on a server of its own (``BGPLUS_BENCH_ONLY``) where it is the first
+# route: Starlette tries routes in order, and each failed match costs about
+# 2 us, which would otherwise favour the variants registered first.
+VARIANTS = {
+    "plain": plain,
+    "fastapi": with_fastapi,
+    "floor": with_floor,
+    "bgplus": with_bgplus,
+    "untracked": with_untracked,
+}
+_only = os.environ.get("BGPLUS_BENCH_ONLY")
+for _name, _endpoint in VARIANTS.items():
+    if _only in (None, _name):
+        app.post(f"/{_name}")(_endpoint)
 
 
 def block(seconds: float) -> None:
@@ -218,11 +229,24 @@ async def yield_provider(
     yield await plain_provider(connection, fastapi_tasks)
 
 
+async def starlette_provider(connection: HTTPConnection) -> StarletteBackgroundTasks:
+    """The shipped provider's mechanism (a plain dependency, the collection run
+    from the request's exit stack) around Starlette's bare collection: the
+    floor of that mechanism, the cost of everything but the collection."""
+    tasks = StarletteBackgroundTasks()
+    scope = connection.scope
+    scope["fastapi_function_astack"].callback(
+        scope["fastapi_inner_astack"].push_async_callback, tasks
+    )
+    return tasks
+
+
 # Module-level aliases: annotations are strings here, resolved in this module.
 AnyPlainDependency = Annotated[int, Depends(plain_dependency)]
 AnyYieldDependency = Annotated[int, Depends(yield_dependency)]
 FromPlainProvider = Annotated[TrackedBackgroundTasks, Depends(plain_provider)]
 FromYieldProvider = Annotated[TrackedBackgroundTasks, Depends(yield_provider)]
+FromStarletteProvider = Annotated[Any, Depends(starlette_provider)]
 
 
 def mechanism_app(mechanism: str) -> FastAPI:
@@ -278,6 +302,14 @@ def mechanism_app(mechanism: str) -> FastAPI:
             tasks.add_task(noop, result.order_id)
             return result
 
+    elif mechanism == "Starlette's collection, the shipped provider's mechanism":
+
+        @one.post("/x")
+        async def from_starlette(order: Order, tasks: FromStarletteProvider) -> Receipt:
+            result = receipt(order)
+            tasks.add_task(noop, result.order_id)
+            return result
+
     elif mechanism == "fastapi_bgplus.BackgroundTasks, tracker off":
 
         @one.post("/x")
@@ -305,6 +337,7 @@ MECHANISMS = (
     "fastapi + any yield dependency",
     "our collection, plain dependency",
     "our collection, yield dependency",
+    "Starlette's collection, the shipped provider's mechanism",
     "fastapi_bgplus.BackgroundTasks",
     "fastapi_bgplus.BackgroundTasks, tracker off",
 )

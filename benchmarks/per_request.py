@@ -1,18 +1,19 @@
 """Per-request cost: requests per second of a real endpoint under `wrk` (issue 4).
 
-Serves `benchmarks/apps.py` with ONE uvicorn worker (``--no-access-log``,
-httptools if installed, else h11) pinned to one core with `taskset`, and loads
-it with `wrk` pinned to the other core, over loopback. The same endpoint (a
-small JSON order validated by Pydantic, a JSON receipt) in three variants on
-three paths of the same app: no task (``/plain``), one no-op async task through
-`fastapi.BackgroundTasks` (``/fastapi``), one through
-`fastapi_bgplus.BackgroundTasks` with the `TaskTracker` lifespan on (``/bgplus``).
-A fourth path, ``/untracked``, is ``/bgplus`` with its collection not bound to
-the tracker (what tracking costs). Routes are matched in that order, so each path pays
-for one more failed match (about 2 us) than the one before it. The ``sqlite``
-variant is ``/bgplus`` on a second server of the same app (same core, idle
-while the others run) whose tracker has a `SQLiteStore` (issue 10): its
-records are written from behind, in the same process.
+Serves `benchmarks/apps.py` with ONE uvicorn worker per variant (``--no-access-log``,
+httptools if installed, else h11), every server pinned to the same core with
+`taskset`, and loads one at a time with `wrk` pinned to the other core, over
+loopback. The same endpoint (a small JSON order validated by Pydantic, a JSON
+receipt) in these variants: no task (``plain``), one no-op async task through
+`fastapi.BackgroundTasks` (``fastapi``), the same plus one plain FastAPI
+dependency (``floor``: the least any `Depends` provider costs), one task through
+`fastapi_bgplus.BackgroundTasks` with the `TaskTracker` lifespan on
+(``bgplus``), the same with its collection not bound to the tracker
+(``untracked``: what tracking costs), and ``bgplus`` again with a
+`SQLiteStore` on the tracker (``sqlite``, issue 10: records written from
+behind, in the same process). Each server has only its variant's route, first,
+so that no variant pays for failed route matches (about 2 us each) that the
+others do not.
 
 Every round runs each variant once, in a rotating order. The figures are the
 medians over the rounds; the target is bgplus / fastapi >= 0.90 req/s.
@@ -136,18 +137,18 @@ def main(rounds: int, duration: float, connections: int) -> None:
         f" {rounds} rounds x {len(VARIANTS)} variants x {duration:g} s",
         flush=True,
     )
-    port, stored_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{port}"
-    urls = {variant: f"{base}/{variant}" for variant in VARIANTS}
-    urls["sqlite"] = f"http://127.0.0.1:{stored_port}/bgplus"
-    server = start_uvicorn("apps:app", port, cpus=server_cpu, http=http)
     store_dir = tempfile.TemporaryDirectory()
-    os.environ["BGPLUS_BENCH_SQLITE"] = f"{store_dir.name}/tasks.db"  # read by apps.py
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
     try:
-        stored = start_uvicorn("apps:app", stored_port, cpus=server_cpu, http=http)
-    finally:
-        del os.environ["BGPLUS_BENCH_SQLITE"]
-    try:
+        for variant in VARIANTS:
+            port = free_port()
+            only = "bgplus" if variant == "sqlite" else variant
+            env = {"BGPLUS_BENCH_ONLY": only}  # read by apps.py
+            if variant == "sqlite":
+                env["BGPLUS_BENCH_SQLITE"] = f"{store_dir.name}/tasks.db"
+            servers[variant] = start_uvicorn("apps:app", port, cpus=server_cpu, http=http, env=env)
+            urls[variant] = f"http://127.0.0.1:{port}/{only}"
         for variant in VARIANTS:  # the endpoints answer as expected before timing them
             response = httpx2.post(urls[variant], json=ORDER)
             response.raise_for_status()
@@ -179,10 +180,13 @@ def main(rounds: int, duration: float, connections: int) -> None:
                         f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms",
                         flush=True,
                     )
-        stats = httpx2.get(f"{base}/stats").json()
+        ran = {
+            variant: httpx2.get(urls[variant].rsplit("/", 1)[0] + "/stats").json()["ran"][variant]
+            for variant in ("fastapi", "bgplus", "untracked")
+        }
     finally:
-        stop(server)
-        stop(stored)
+        for server in servers.values():
+            stop(server)
         store_dir.cleanup()
 
     rps = {v: median([r.requests_per_s for r in results[v]]) for v in VARIANTS}
@@ -211,7 +215,6 @@ def main(rounds: int, duration: float, connections: int) -> None:
     print(f"untracked / fastapi = {rps['untracked'] / rps['fastapi']:.3f}")
     print(f"sqlite / bgplus = {rps['sqlite'] / rps['bgplus']:.3f} (the SQLiteStore's cost)")
     print(f"floor / fastapi = {rps['floor'] / rps['fastapi']:.3f} (fastapi + one plain dependency)")
-    ran = stats["ran"]
     print(
         f"tasks that ran: {ran['fastapi']:,} fastapi, {ran['bgplus']:,} bgplus,"
         f" {ran['untracked']:,} untracked"

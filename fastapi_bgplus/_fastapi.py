@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Annotated
 
 import fastapi
@@ -41,17 +40,16 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         """
         tasks = TrackedBackgroundTasks.for_request(connection)
         scope = connection.scope
-        scope["fastapi_function_astack"].push_async_callback(
-            _after_endpoint, scope["fastapi_inner_astack"], tasks
+        # Once the endpoint has returned (and every dependency has been
+        # entered), the function-scoped stack unwinds and pushes the
+        # collection's exit on the request's stack: last in, first out, it
+        # runs there (`end_request`) after the response has been sent and
+        # before any `yield` dependency exits, whatever the parameter order.
+        # A plain callback: no coroutine to build and await.
+        scope["fastapi_function_astack"].callback(
+            scope["fastapi_inner_astack"].push_async_exit, tasks
         )
         return tasks
-
-    async def _after_endpoint(request_stack: AsyncExitStack, tasks: TrackedBackgroundTasks) -> None:
-        # Exits unwind last in, first out: pushed once the endpoint has
-        # returned, and every dependency has been entered, the collection's
-        # exit (`end_request`) runs before any `yield` dependency exits,
-        # whatever the parameter order, and after the response has been sent.
-        request_stack.push_async_exit(tasks)
 
 else:  # pragma: no cover  (FastAPI < 0.121)
 

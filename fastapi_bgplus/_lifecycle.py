@@ -49,22 +49,28 @@ class TaskObserver(Protocol):
     """Hears every transition of the tasks it is bound to.
 
     Called synchronously on the event loop, in the order of the transitions;
-    it must be quick (no I/O: buffer it) and must not raise.
+    it must be quick (no I/O: buffer it) and must not raise. An observer with
+    no interest in a transition sets that hook to `None`: the reporter then
+    skips it, at no cost per task.
     """
 
-    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
-        """A task was queued; `run` can cut it off."""
+    @property
+    def task_queued(self) -> Callable[[TaskHandle, Cancellable], None] | None:
+        """``(handle, run)``: a task was queued; `run` can cut it off."""
 
-    def task_started(self, handle: TaskHandle) -> None:
-        """An attempt of the task began (``handle.attempts`` counts them)."""
+    @property
+    def task_started(self) -> Callable[[TaskHandle], None] | None:
+        """``(handle)``: an attempt of the task began (``handle.attempts`` counts them)."""
 
-    def task_ended(self, handle: TaskHandle) -> None:
-        """The task reached its end state (``handle.status``)."""
+    @property
+    def task_ended(self) -> Callable[[TaskHandle], None] | None:
+        """``(handle)``: the task reached its end state (``handle.status``)."""
 
-    def task_handed_off(self, handle: TaskHandle) -> None:
-        """The task left this process, still ``pending`` (sent to a queue such
-        as taskiq's): where it runs now reports the rest of its life, so forget
-        it here. It never reaches `task_ended` in this process."""
+    @property
+    def task_handed_off(self) -> Callable[[TaskHandle], None] | None:
+        """``(handle)``: the task left this process, still ``pending`` (sent to
+        a queue such as taskiq's): where it runs now reports the rest of its
+        life, so forget it here. It never reaches `task_ended` in this process."""
 
 
 class Reporter:
@@ -75,29 +81,47 @@ class Reporter:
     `completed` return the signal delivery still to await, or `None`.
     """
 
-    __slots__ = ("observers", "sender")
+    __slots__ = (
+        "_on_ended",
+        "_on_handed_off",
+        "_on_queued",
+        "_on_started",
+        "observers",
+        "sender",
+        "tracks_queued",
+    )
 
     def __init__(self, sender: Any, observers: Sequence[TaskObserver] = ()) -> None:
         self.sender = sender
-        self.observers = observers
+        self.observers = tuple(observers)
+        # Each transition's hooks, looked up once: a task pays only for the
+        # observers that listen to it.
+        self._on_queued = tuple(o.task_queued for o in observers if o.task_queued is not None)
+        self._on_started = tuple(o.task_started for o in observers if o.task_started is not None)
+        self._on_ended = tuple(o.task_ended for o in observers if o.task_ended is not None)
+        self._on_handed_off = tuple(
+            o.task_handed_off for o in observers if o.task_handed_off is not None
+        )
+        self.tracks_queued = bool(self._on_queued)
+        """Whether an observer listens to `queued` (else callers may skip it)."""
 
     def queued(self, handle: TaskHandle, run: Cancellable) -> None:
-        for observer in self.observers:
-            observer.task_queued(handle, run)
+        for hook in self._on_queued:
+            hook(handle, run)
 
     def started(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
         """An attempt begins: running, ``attempts`` + 1, `task_started`."""
         mark_started(handle)
-        for observer in self.observers:
-            observer.task_started(handle)
+        for hook in self._on_started:
+            hook(handle)
         if not task_started.receivers:
             return None
         return send(task_started, self.sender, handle=handle, task_id=handle.task_id, func=func)
 
     def completed(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
         mark_finished(handle, DONE)
-        for observer in self.observers:
-            observer.task_ended(handle)
+        for hook in self._on_ended:
+            hook(handle)
         if not task_completed.receivers:
             return None
         return send(
@@ -115,8 +139,8 @@ class Reporter:
         mark_finished(handle, TaskStatus.FAILED, error)
         # Never the arguments: they carry addresses, tokens and other personal data.
         logger.error("Background task %s (%s) failed", handle.task_id, handle.name, exc_info=error)
-        for observer in self.observers:
-            observer.task_ended(handle)
+        for hook in self._on_ended:
+            hook(handle)
         if task_failed.receivers:
             await send(
                 task_failed,
@@ -158,14 +182,14 @@ class Reporter:
         the rest (status in the task store, signals there)."""
         mark_handed_off(handle)
         logger.debug("Background task %s (%s) handed off", handle.task_id, handle.name)
-        for observer in self.observers:
-            observer.task_handed_off(handle)
+        for hook in self._on_handed_off:
+            hook(handle)
 
     def _abandon(self, handle: TaskHandle, reason: str) -> None:
         mark_finished(handle, TaskStatus.CANCELLED)
         logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
-        for observer in self.observers:
-            observer.task_ended(handle)
+        for hook in self._on_ended:
+            hook(handle)
 
     async def abandoned(self, handle: TaskHandle, func: Callable[..., Any], reason: str) -> None:
         """It will never run or finish: cancelled, with `reason` (a sentence)."""

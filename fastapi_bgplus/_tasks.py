@@ -204,8 +204,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 )
                 self.tasks.append(task)
                 self.handles.append(handle)
-                if self._report.observers:
-                    self._report.queued(handle, self)
+                report = self._report
+                if report.tracks_queued:
+                    report.queued(handle, self)
                 return handle
         _check_task_callable(func)
         if self._closed is not None:
@@ -232,7 +233,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             self._runners[len(self.tasks)] = runner
         self.tasks.append(task)
         self.handles.append(handle)
-        if self._report.observers:
+        if self._report.tracks_queued:
             self._report.queued(handle, self)
         return handle
 
@@ -251,32 +252,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             )
         self._started = True
         self._accepting = False
-        if self._trio is None:
-            await self._run_tasks()  # no tracker can cut it off: no need to prepare for it
-        else:
-            await self._run_cancellable()
-
-    async def _run_cancellable(self) -> None:
-        """Run so that the tracker's `cancel()` can cut the collection off."""
-        if self._trio:
-            await _run_in_trio_scope(self)
-        else:
-            # Not an anyio `CancelScope`: on asyncio, creating and entering one
-            # costs more than the rest of a request's tracking together. The
-            # host task is recorded instead, and cancelled only if the drain
-            # has to (`cancel()`), which takes back its own cancellation here.
-            self._host = host = asyncio.current_task()
-            try:
-                await self._run_tasks()
-            except asyncio.CancelledError:
-                if self._cancel_reason is None:
-                    raise  # not ours
-                uncancel = getattr(host, "uncancel", None)  # Python >= 3.11
-                if uncancel is not None and uncancel():
-                    raise  # cancelled by someone else as well
-            finally:
-                self._host = None
-                _forget_arguments(self)
+        await self._run_tasks()
 
     # `await tasks()` is `await tasks.run()`, without a coroutine in between.
     __call__ = run
@@ -293,6 +269,15 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """``async with TrackedBackgroundTasks.for_request(request) as tasks:``:
         leaving the block is the end of the request (`end_request`): the tasks
         run, or are abandoned if the block raised, and the collection closes."""
+        if exc is None and not self._started and self._spawn is None:
+            # The common ending, on every request (the FastAPI provider exits
+            # the collection this way): `end_request(None)`, without a
+            # coroutine in between.
+            self._started = True
+            self._accepting = False
+            await self._run_tasks()
+            self._closed = _RAN
+            return
         await self.end_request(exc)
 
     async def end_request(self, error: BaseException | None) -> None:
@@ -307,18 +292,17 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """
         if error is None:
             if not self._started:
+                self._started = True
+                self._accepting = False
                 spawn = self._spawn
-                if spawn is not None and spawn(self._run_cancellable):
-                    # Started from now on: nothing else may run it (FastAPI's
-                    # own background, on versions without exit stacks).
-                    self._started = True
+                if spawn is not None and spawn(self._run_tasks):
                     self._close(
                         "it was queued after the request's background tasks had been"
                         " handed to the TaskTracker to run detached (detach=True)"
                     )
                     return
-                await self.run()
-            self._close("it was queued after the request's background tasks had run")
+                await self._run_tasks()
+            self._close(_RAN)
         else:
             self._close(
                 "it was queued after the request failed and its background tasks were abandoned"
@@ -346,6 +330,23 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             await self._abandon(reason)
 
     async def _run_tasks(self) -> None:
+        """The run proper, once `_started` is set: each task in turn, isolated.
+
+        A tracked collection (``_trio`` set) can be cut off by the drain
+        (`cancel()`). On asyncio that costs no cancel scope (creating and
+        entering an anyio one costs more than the rest of a request's
+        tracking together): the host task is recorded, cancelled only if the
+        drain has to, and its own cancellation taken back here. On trio, a
+        native cancel scope wraps the run instead.
+        """
+        host = None
+        if self._trio is not None:
+            if self._trio:
+                if self._host is None:
+                    await _run_in_trio_scope(self)  # which calls this again, scoped
+                    return
+            else:
+                self._host = host = asyncio.current_task()
         report = self._report
         tasks = self.tasks
         runners = self._runners
@@ -373,13 +374,27 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 else:
                     if handle.status is RUNNING and (signal := report.completed(handle, func)):
                         await signal
-        except BaseException:
+        except BaseException as exc:
             # Cancelled in a task, or in a receiver awaited between tasks:
             # every task that has not ended is reported lost (those before it
             # have all ended), so that none ends without a trace.
             with anyio.CancelScope(shield=True):
                 await self._abandon(self._cancel_reason or _CANCELLED)
+            if (
+                host is not None
+                and self._cancel_reason is not None
+                and isinstance(exc, asyncio.CancelledError)
+            ):
+                # Cancelled by `cancel()`: take that cancellation back, and
+                # let it on only if someone else cancelled the host as well.
+                uncancel = getattr(host, "uncancel", None)  # Python >= 3.11
+                if uncancel is None or not uncancel():
+                    return
             raise
+        finally:
+            if host is not None:
+                self._host = None
+                _forget_arguments(self)
 
     async def _abandon(self, cause: str) -> None:
         """End every unfinished task as cancelled, loudly."""
@@ -392,6 +407,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 reason = f"{cause}; it never started"
             await self._report.abandoned(handle, task.func, reason)
 
+
+_RAN = "it was queued after the request's background tasks had run"
 
 _CANCELLED = (
     "the request's background work was cancelled (by the server, for instance at"

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span, Tracer
 
-    from ._lifecycle import Cancellable
 
 __all__ = [
     "ATTEMPT",
@@ -112,8 +111,7 @@ class SpanObserver:
     def __init__(self) -> None:
         self._open: dict[TaskHandle, tuple[Span, Token[Context]]] = {}
 
-    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
-        pass
+    task_queued = None  # the span opens when the task starts
 
     def task_started(self, handle: TaskHandle) -> None:
         opened = self._open.get(handle)
@@ -149,9 +147,9 @@ class SpanObserver:
             span.set_attribute(CANCELLED, True)
         span.end()
 
-    def task_handed_off(self, handle: TaskHandle) -> None:
-        """Sent to a queue: no span here; the worker's continues the trace
-        from the context the message carries."""
+    # Sent to a queue: no span here; the worker's continues the trace from
+    # the context the message carries.
+    task_handed_off = None
 
 
 def _start(handle: TaskHandle) -> Span:

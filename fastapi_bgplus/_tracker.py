@@ -5,7 +5,7 @@ import logging
 import math
 import re
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -82,18 +82,24 @@ class _Ledger:
     def __init__(self, history_size: int, history_ttl: float | None) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
-        self.history: OrderedDict[str, TaskHandle] = OrderedDict()
+        # Every handle it answers for by id, live or finished; `live` maps the
+        # unfinished to the run that can cut them off (in the order queued),
+        # and `finished` holds the others in the order they ended, for the
+        # bounds. Per task: two inserts, a removal and an append.
+        self.handles: dict[str, TaskHandle] = {}
+        self.live: dict[str, Cancellable] = {}
+        self.finished: deque[TaskHandle] = deque()
         self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
-        # When the oldest handle in the history expires; -inf: look at the next insert.
+        # When the oldest handle in the history expires; -inf: look at the next end.
         self.next_expiry = -math.inf
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
-        self.live[handle.task_id] = (handle, run)
+        task_id = handle.task_id
+        self.handles[task_id] = handle
+        self.live[task_id] = run
 
-    def task_started(self, handle: TaskHandle) -> None:
-        pass
+    task_started = None  # the ledger books only arrivals and ends
 
     def task_ended(self, handle: TaskHandle) -> None:
         self.live.pop(handle.task_id, None)
@@ -105,14 +111,16 @@ class _Ledger:
         else:
             self.abandoned += 1
         if self.history_size:
-            history = self.history
-            history[handle.task_id] = handle
-            if len(history) > self.history_size:
+            finished = self.finished
+            finished.append(handle)
+            if len(finished) > self.history_size:
                 # The next oldest expires no sooner: `next_expiry` still holds.
-                history.popitem(last=False)
+                self.handles.pop(finished.popleft().task_id, None)
             now = time.perf_counter()
             if now >= self.next_expiry:
                 self.expire(now)
+        else:
+            self.handles.pop(handle.task_id, None)
         if self.idle is not None and not self.live:
             self.idle.set()
 
@@ -120,31 +128,36 @@ class _Ledger:
         # Its record is the store's now (the worker writes it): neither in
         # flight here, nor in the history, where it would stay pending.
         self.live.pop(handle.task_id, None)
+        self.handles.pop(handle.task_id, None)
         if self.idle is not None and not self.live:
             self.idle.set()
 
     def get(self, task_id: str) -> TaskHandle | None:
-        entry = self.live.get(task_id)
-        if entry is not None:
-            return entry[0]
+        if task_id in self.live:
+            return self.handles[task_id]
         self.expire(time.perf_counter())
-        return self.history.get(task_id)
+        return self.handles.get(task_id)
+
+    @property
+    def in_flight(self) -> list[TaskHandle]:
+        handles = self.handles
+        return [handles[task_id] for task_id in self.live]
 
     def expire(self, now: float) -> None:
         """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
-        history = self.history
+        finished = self.finished
         ttl = self.history_ttl
         if ttl is None:
             self.next_expiry = math.inf
             return
-        while history:
-            # Handles enter the history as they finish, so the oldest is first.
-            oldest = finished_mono(next(iter(history.values())))
+        while finished:
+            # Handles are appended as they finish, so the oldest is first.
+            oldest = finished_mono(finished[0])
             assert oldest is not None
             if oldest + ttl > now:
                 self.next_expiry = oldest + ttl
                 return
-            history.popitem(last=False)
+            self.handles.pop(finished.popleft().task_id, None)
         self.next_expiry = -math.inf  # empty: the next handle sets it
 
 
@@ -246,7 +259,7 @@ class TaskTracker:
 
     def __repr__(self) -> str:
         ledger = self._ledger
-        return f"<TaskTracker in_flight={len(ledger.live)} history={len(ledger.history)}>"
+        return f"<TaskTracker in_flight={len(ledger.live)} history={len(ledger.finished)}>"
 
     @property
     def history_size(self) -> int:
@@ -301,7 +314,7 @@ class TaskTracker:
     @property
     def in_flight(self) -> list[TaskHandle]:
         """Handles of the tracked tasks that have not finished, oldest first."""
-        return [handle for handle, _ in self._ledger.live.values()]
+        return self._ledger.in_flight
 
     def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
         """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
@@ -491,12 +504,12 @@ class TaskTracker:
 
     async def _cut_off(self, reason: str) -> None:
         live = self._ledger.live
-        for run in {run for _, run in live.values()}:
+        for run in set(live.values()):
             await run.cancel(reason)
         if live:
             # The cancelled runs report their own losses as they unwind.
             await self._wait_idle(_UNWIND_GRACE)
-        for run in {run for _, run in live.values()}:
+        for run in set(live.values()):
             # A task that swallowed its cancellation is still reported lost.
             await run.cancel(reason)
 
