@@ -10,7 +10,9 @@ receiver connected.
 Scenarios: async no-op tasks, 1 and 10 per collection (no receivers); the same
 with one sync and one async receiver connected to every signal; sync no-op tasks
 (one thread hop each); async tasks with a `TaskTracker` bound, as the FastAPI
-provider binds it; async tasks with options (`@task(timeout=...)`, and
+provider binds it, and the floor of that row (Starlette's collection plus the
+least a drain needs to cut a run off: the host task recorded on asyncio, a
+cancel scope on trio); async tasks with options (`@task(timeout=...)`, and
 `@task(attempts=3, retry_on=...)` that never needs a retry), where Starlette
 and FastAPI run the plain function; async tasks in a collection built as the FastAPI provider
 builds it (`for_request`), with no span recording and then inside a recording
@@ -28,6 +30,7 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterator
@@ -116,6 +119,26 @@ class FastAPITraced(StarletteBackgroundTasks):
                 await queued()
 
 
+class HostRecorded(StarletteBackgroundTasks):
+    """Starlette's collection plus the least a drain needs on asyncio to cut
+    its run off from outside: the host task, recorded as the run starts."""
+
+    async def __call__(self) -> None:
+        self.host = asyncio.current_task()
+        await super().__call__()
+
+
+class InTrioScope(StarletteBackgroundTasks):
+    """Starlette's collection plus the least a drain needs on trio to cut its
+    run off from outside (trio cancels nothing else): a cancel scope around it."""
+
+    async def __call__(self) -> None:
+        import trio
+
+        with trio.CancelScope() as self.scope:
+            await super().__call__()
+
+
 def for_request() -> StarletteBackgroundTasks:
     return TrackedBackgroundTasks.for_request({"type": "http"})
 
@@ -169,7 +192,7 @@ async def measure(scenario: Scenario, rounds: int, target_s: float) -> dict[str,
     return {name: median(values) for name, values in results.items()}
 
 
-async def main(rounds: int, target_s: float, only: str) -> None:
+async def main(rounds: int, target_s: float, only: str, backend: str) -> None:
     tracker = TaskTracker()
     state: dict[str, Any] = {}
 
@@ -188,6 +211,12 @@ async def main(rounds: int, target_s: float, only: str) -> None:
         Scenario("async no-op, 1 sync + 1 async receiver", noop, 1, base, receivers_connected),
         Scenario("sync no-op (thread hop), 1 task/collection", noop_sync, 1, base),
         Scenario("async no-op, TaskTracker bound", noop, 1, {**base, "bgplus": bound}),
+        Scenario(
+            "(floor of the row above: Starlette + the drain's hook, in the bgplus column)",
+            noop,
+            1,
+            {**base, "bgplus": InTrioScope if backend == "trio" else HostRecorded},
+        ),
         Scenario("async no-op, @task(timeout=60.0)", noop, 1, base, bgplus_func=noop_timeout),
         Scenario(
             "async no-op, @task(attempts=3, retry_on=...)", noop, 1, base, bgplus_func=noop_retried
@@ -249,4 +278,11 @@ if __name__ == "__main__":
     parser.add_argument("--only", default="", help="run the scenarios whose name has this text")
     options = parser.parse_args()
     print_header(f"Per-task cost ({options.backend}, {options.rounds} rounds, interleaved)")
-    anyio.run(main, options.rounds, options.sample_ms / 1000, options.only, backend=options.backend)
+    anyio.run(
+        main,
+        options.rounds,
+        options.sample_ms / 1000,
+        options.only,
+        options.backend,
+        backend=options.backend,
+    )

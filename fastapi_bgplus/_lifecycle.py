@@ -91,19 +91,26 @@ class Reporter:
         "tracks_queued",
     )
 
+    _on_queued: tuple[Callable[[TaskHandle, Cancellable], None], ...]
+    _on_started: tuple[Callable[[TaskHandle], None], ...]
+    _on_ended: tuple[Callable[[TaskHandle], None], ...]
+    _on_handed_off: tuple[Callable[[TaskHandle], None], ...]
+
     def __init__(self, sender: Any, observers: Sequence[TaskObserver] = ()) -> None:
         self.sender = sender
         self.observers = tuple(observers)
+        self.tracks_queued = False
+        """Whether an observer listens to `queued` (else callers may skip it)."""
+        if not observers:  # a collection without a tracker: built per request
+            self._on_queued = self._on_started = self._on_ended = self._on_handed_off = ()
+            return
         # Each transition's hooks, looked up once: a task pays only for the
         # observers that listen to it.
-        self._on_queued = tuple(o.task_queued for o in observers if o.task_queued is not None)
-        self._on_started = tuple(o.task_started for o in observers if o.task_started is not None)
-        self._on_ended = tuple(o.task_ended for o in observers if o.task_ended is not None)
-        self._on_handed_off = tuple(
-            o.task_handed_off for o in observers if o.task_handed_off is not None
-        )
+        self._on_queued = tuple([o.task_queued for o in observers if o.task_queued])
+        self._on_started = tuple([o.task_started for o in observers if o.task_started])
+        self._on_ended = tuple([o.task_ended for o in observers if o.task_ended])
+        self._on_handed_off = tuple([o.task_handed_off for o in observers if o.task_handed_off])
         self.tracks_queued = bool(self._on_queued)
-        """Whether an observer listens to `queued` (else callers may skip it)."""
 
     def queued(self, handle: TaskHandle, run: Cancellable) -> None:
         for hook in self._on_queued:
