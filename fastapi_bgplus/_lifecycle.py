@@ -211,11 +211,36 @@ class Reporter:
                 reason=reason,
             )
 
+    def queued_late(
+        self, handle: TaskHandle, run: Cancellable, func: Callable[..., Any], reason: str
+    ) -> None:
+        """Queued on a closed collection: `queued`, then `abandoned_now`, from
+        synchronous code (`add_task`). From a worker thread (a ``def``
+        dependency's exit code), both are made on the event loop, as every
+        other transition is, so that no observer or receiver races it."""
+        if current_library() is None:
+            import anyio.from_thread
+
+            try:
+                anyio.from_thread.run_sync(self._queued_late, handle, run, func, reason)
+            except RuntimeError:  # a thread foreign to every event loop: here, then
+                pass
+            else:
+                return
+        self._queued_late(handle, run, func, reason)
+
+    def _queued_late(
+        self, handle: TaskHandle, run: Cancellable, func: Callable[..., Any], reason: str
+    ) -> None:
+        self.queued(handle, run)
+        self.abandoned_now(handle, func, reason)
+
     def abandoned_now(self, handle: TaskHandle, func: Callable[..., Any], reason: str) -> None:
         """`abandoned`, from synchronous code (`add_task` on a closed collection).
 
         Sync receivers are called at once; async ones are started in the
-        background of the running event loop (see `_spawn`).
+        background of the running event loop (see `_spawn`); off the loop,
+        use `queued_late`.
         """
         self._abandon(handle, reason)
         if task_abandoned.receivers:
@@ -261,15 +286,11 @@ def _spawn(awaitable: Awaitable[Any]) -> None:
 
     library = current_library()
     if library is None:
-        # A worker thread (a `def` dependency's exit code): hop to the loop.
-        import anyio.from_thread
-
-        try:
-            anyio.from_thread.run_sync(_spawn, awaitable)
-        except RuntimeError:  # a thread foreign to every event loop
-            if inspect.iscoroutine(awaitable):  # pragma: no branch  (else: nothing to close)
-                awaitable.close()
-            logger.warning("An async signal receiver was skipped: no event loop to run it on")
+        # A thread foreign to every event loop (one the app started itself):
+        # `queued_late` makes the transitions of an anyio worker thread on the loop.
+        if inspect.iscoroutine(awaitable):  # pragma: no branch  (else: nothing to close)
+            awaitable.close()
+        logger.warning("An async signal receiver was skipped: no event loop to run it on")
         return
     if library == "trio":
         import trio

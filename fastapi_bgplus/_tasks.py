@@ -211,8 +211,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         _check_task_callable(func)
         if self._closed is not None:
             handle = TaskHandle(callable_name(func))
-            self._report.queued(handle, self)
-            self._report.abandoned_now(handle, func, self._closed)
+            self._report.queued_late(handle, self, func, self._closed)
             return handle
         if self._started:
             raise RuntimeError(

@@ -260,6 +260,36 @@ async def test_async_receivers_hear_a_late_abandon_too(dependency: Any, connect:
     assert "after the request's background tasks had run" in heard[0][1]
 
 
+@LATE_RUNS_BEFORE_0_118
+def test_a_late_task_from_a_worker_thread_is_reported_on_the_event_loop(
+    anyio_backend: Literal["asyncio", "trio"], connect: Any
+) -> None:
+    """A `def` dependency's exit code runs in a worker thread; the late task's
+    transition is made on the event loop's thread all the same, as every other
+    is, so that neither a receiver nor the tracker's books race the loop."""
+    loop_thread: list[int] = []
+    receiver_threads: list[int] = []
+
+    def on_abandoned(sender: Any, **kw: Any) -> None:
+        receiver_threads.append(threading.get_ident())
+
+    connect(signals.task_abandoned, on_abandoned)
+    tracker = TaskTracker()
+    app = FastAPI(lifespan=tracker.lifespan)
+
+    @app.get("/", dependencies=[Depends(sync_audit_after)])
+    async def endpoint() -> None:
+        loop_thread.append(threading.get_ident())
+
+    with TestClient(app, backend=anyio_backend) as client:
+        assert client.get("/").status_code == 200
+        (handle,) = late
+        assert receiver_threads == loop_thread
+        assert handle.status == "cancelled"
+        assert tracker.get(handle.task_id) is handle
+        assert tracker.in_flight == []
+
+
 def test_a_hand_built_collection_still_refuses_tasks_once_it_ran() -> None:
     """Only a request's collection is closed; running or adding to a collection
     built by hand after it started stays a programming error (the 0.1 contract)."""
