@@ -163,12 +163,25 @@ class TaskHandle:
         return self.status in FINISHED
 
     async def wait(self) -> None:
-        """Return once the task has reached an end state, whichever it is."""
+        """Return once the task has reached an end state, whichever it is.
+
+        Raises `RuntimeError` for a task handed to a queue (a taskiq task,
+        once sent): it ends in a worker process, which this one never hears
+        from; its status is in the task store (`TaskTracker.lookup`).
+        """
         if self.finished:
             return
-        if self._finished_event is None:
-            self._finished_event = anyio.Event()
-        await self._finished_event.wait()
+        if not handed_off(self):
+            if self._finished_event is None:
+                self._finished_event = anyio.Event()
+            await self._finished_event.wait()  # set when it ends, or is handed off
+            if self.finished:
+                return
+        raise RuntimeError(
+            f"Background task {self.task_id} ({self.name}) was handed to a queue (taskiq)"
+            f" and ends in a worker process, which this one never hears from; ask the"
+            f" task store for its status: await tracker.lookup(task_id)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary: no arguments, no exception message."""
@@ -210,8 +223,11 @@ def mark_finished(
 
 
 def mark_handed_off(handle: TaskHandle) -> None:
-    """Still pending, but in another process's hands from now on."""
+    """Still pending, but in another process's hands from now on; wakes every
+    `wait()`, which then says so."""
     handle._handed_off = True
+    if handle._finished_event is not None:
+        handle._finished_event.set()
 
 
 def handed_off(handle: TaskHandle) -> bool:

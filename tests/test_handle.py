@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from fastapi_bgplus import TaskHandle, TaskStatus, TrackedBackgroundTasks
+from fastapi_bgplus._lifecycle import Reporter
 
 pytestmark = pytest.mark.anyio
 
@@ -301,3 +302,24 @@ async def test_many_waiters_on_one_handle_all_wake() -> None:
         gate.set()
     assert sorted(woke) == [0, 1, 2]
     assert handle.status == "done"
+
+
+async def test_waiting_on_a_handed_off_task_says_where_to_look() -> None:
+    """A task sent to a queue (taskiq) ends in a worker this process never hears
+    from: `wait()` says so, also to a caller already waiting when it left."""
+    handle = TaskHandle("app.send_email")
+    outcomes: list[str] = []
+
+    async def waiter() -> None:
+        with pytest.raises(RuntimeError, match=r"handed to a queue .*tracker\.lookup"):
+            await handle.wait()
+        outcomes.append("told")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        Reporter(None).handed_off(handle, fail_with)
+    assert outcomes == ["told"]
+    assert handle.status == "pending"
+    with pytest.raises(RuntimeError, match="handed to a queue"):
+        await handle.wait()
