@@ -31,8 +31,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import fastapi
+from _models import Order
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
 
@@ -51,18 +52,6 @@ _order_ids = itertools.count(1)
 _ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "untracked": 0, "blocking": 0}
 _unfinished = 0  # blocking tasks queued and not yet finished
 _lock = threading.Lock()
-
-
-class Item(BaseModel):
-    sku: str = Field(min_length=1, max_length=32)
-    quantity: int = Field(gt=0, le=1000)
-    unit_price: float = Field(ge=0)
-
-
-class Order(BaseModel):
-    customer_email: str = Field(max_length=254)
-    items: list[Item] = Field(min_length=1, max_length=100)
-    note: str | None = None
 
 
 class Receipt(BaseModel):

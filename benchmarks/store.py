@@ -33,26 +33,14 @@ from typing import Any
 
 import anyio
 from _common import median, print_header, rotated, table
+from _models import Order
 from fastapi import FastAPI
 from per_request import ORDER, asgi_post
-from pydantic import BaseModel, Field
 
 import fastapi_bgplus
 from fastapi_bgplus import MemoryStore, SQLiteStore, TaskStore, TaskTracker
 
 VARIANTS = ("no store", "MemoryStore", "SQLiteStore")
-
-
-class Item(BaseModel):
-    sku: str = Field(min_length=1, max_length=32)
-    quantity: int = Field(gt=0, le=1000)
-    unit_price: float = Field(ge=0)
-
-
-class Order(BaseModel):
-    customer_email: str = Field(max_length=254)
-    items: list[Item] = Field(min_length=1, max_length=100)
-    note: str | None = None
 
 
 async def noop(order_id: int) -> None:

@@ -5,26 +5,33 @@ Each serves `tests.apps.shutdown:app` on a free 127.0.0.1 port, answers once
 its context is entered (or fails with the server's own output), and is killed
 on the way out if still running. The process runs in a session of its own, so
 that a server with worker processes (hypercorn) is killed whole.
+
+Underneath, `spawn` starts any such process and waits for a readiness check of
+the caller's: an HTTP answer for the servers, a marker file for the taskiq
+worker of `test_taskiq_redis.py`.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 import httpx2
+import pytest
 
 REPO = Path(__file__).parent.parent
 STARTUP_DEADLINE_S = 20.0
 EXIT_DEADLINE_S = 20.0
+POLL_S = 0.05
 APP = "tests.apps.shutdown:app"
 
 
@@ -49,6 +56,44 @@ class Server:
 
 
 @contextmanager
+def spawn(
+    command: list[str],
+    log: Path,
+    ready: Callable[[], bool],
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` from the repository, with `env` added to its environment
+    and its output in `log`, until `ready()` (polled for at most
+    STARTUP_DEADLINE_S); fail with its output if it exits or the deadline
+    passes first. The process runs in a session of its own, killed whole on
+    the way out if still running."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        what = f"{shlex.join(command)} (output in {log})"
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        while not ready():  # poll, for a bounded time
+            if process.poll() is not None:
+                pytest.fail(f"{what} exited with {process.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} not ready in {STARTUP_DEADLINE_S} s:\n{log.read_text()}")
+            time.sleep(POLL_S)
+        yield process
+    finally:
+        if process.poll() is None:
+            # Its own session: the group is this process and its children only.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextmanager
 def serve(
     tmp_path: Path,
     command: list[str],
@@ -60,32 +105,17 @@ def serve(
     of `tmp_path` and `env` in its environment, until it answers ``GET {ready_path}``."""
     log = tmp_path / "server.log"
     (tmp_path / "markers").mkdir()
-    env = {**os.environ, "BGPLUS_MARKERS": str(tmp_path / "markers"), **(env or {})}
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:  # poll until it answers, for a bounded time
-            try:
-                httpx2.get(f"{url}{ready_path}", timeout=1.0).raise_for_status()
-                break
-            except httpx2.TransportError:
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+    env = {"BGPLUS_MARKERS": str(tmp_path / "markers"), **(env or {})}
+
+    def answers() -> bool:
+        try:
+            httpx2.get(f"{url}{ready_path}", timeout=1.0).raise_for_status()
+        except httpx2.TransportError:
+            return False
+        return True
+
+    with spawn(command, log, answers, env) as process:
         yield Server(process, url, log)
-    finally:
-        if process.poll() is None:
-            # Its own session: the group is this server and its workers only.
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @contextmanager

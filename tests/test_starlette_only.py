@@ -6,26 +6,11 @@ install without the `[fastapi]` extra.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+from ._subprocess import run_python
 
-ROOT = Path(__file__).parent.parent
-
-SCRIPT = textwrap.dedent(
-    """
+SCRIPT = """
     import sys
 
-    class NoFastAPI:
-        # Stands for an install without fastapi: any import of it fails.
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name == "fastapi" or name.startswith("fastapi."):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, NoFastAPI)
     try:
         import fastapi
     except ModuleNotFoundError:
@@ -63,27 +48,8 @@ SCRIPT = textwrap.dedent(
     assert handle.status == "done", handle
     assert heard == [None, None], heard
     print("starlette-only ok")
-    """
-)
+"""
 
 
 def test_import_and_run_without_fastapi() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "error",
-            # Starlette < 0.49's TestClient under anyio >= 4.12, as in pyproject.toml.
-            "-W",
-            "ignore:The anyio.abc.BlockingPortal alias is deprecated:DeprecationWarning",
-            "-c",
-            SCRIPT,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "starlette-only ok"
+    assert run_python(SCRIPT, without=["fastapi"]) == "starlette-only ok"

@@ -12,13 +12,9 @@ checks what trio gets instead.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,12 +24,11 @@ import redis.exceptions
 
 from fastapi_bgplus import RedisStore
 from fastapi_bgplus._store_redis import UNFINISHED_EXPIRY_S
-from tests.conftest import STRICT_WARNINGS
+from tests._subprocess import run_python
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).parent.parent
 POLL_DEADLINE_S = 3.0
 
 
@@ -381,19 +376,6 @@ def test_trio_is_refused_clearly() -> None:
             anyio.run(main, backend="trio")
 
 
-def run_python(script: str) -> str:
-    result = subprocess.run(
-        [sys.executable, *STRICT_WARNINGS, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def test_import_fastapi_bgplus_does_not_import_redis() -> None:
     script = """
         import sys
@@ -410,23 +392,12 @@ def test_import_fastapi_bgplus_does_not_import_redis() -> None:
 
 def test_without_redis_installed_the_error_says_which_extra() -> None:
     script = """
-        import sys
-
-        class NoRedis:
-            # Stands for an install without the redis extra.
-            @staticmethod
-            def find_spec(name, path=None, target=None):
-                if name == "redis" or name.startswith("redis."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-                return None
-
-        sys.meta_path.insert(0, NoRedis)
         import fastapi_bgplus
         try:
             fastapi_bgplus.RedisStore
         except ModuleNotFoundError as exc:
             print(exc)
     """
-    assert run_python(script) == (
+    assert run_python(script, without=["redis"]) == (
         "RedisStore needs the redis package: pip install 'fastapi-bgplus[redis]'"
     )

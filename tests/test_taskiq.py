@@ -8,12 +8,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import subprocess
 import sys
-import textwrap
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -28,11 +25,9 @@ from fastapi_bgplus._store import MemoryStore, Record
 from fastapi_bgplus.taskiq import QUEUED, TrackingMiddleware
 
 from ._servers import free_port
+from ._subprocess import run_python
 from .apps.memory import request_tasks
-from .conftest import NEEDS_TASKIQ_REDIS_1_1, STRICT_WARNINGS, Sent
-
-ROOT = Path(__file__).parent.parent
-
+from .conftest import NEEDS_TASKIQ_REDIS_1_1, Sent
 
 # taskiq's brokers run on asyncio; trio is refused (see the trio tests below).
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
@@ -421,8 +416,7 @@ def test_the_request_trace_context_travels_in_the_labels(world: World) -> None:
 
 
 def test_import_fastapi_bgplus_never_imports_taskiq() -> None:
-    script = textwrap.dedent(
-        """
+    script = """
         import sys
         import fastapi_bgplus
         from fastapi_bgplus import BackgroundTasks, TaskTracker
@@ -435,18 +429,8 @@ def test_import_fastapi_bgplus_never_imports_taskiq() -> None:
         import fastapi_bgplus.taskiq
         assert "taskiq" in sys.modules
         print("no taskiq ok")
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, *STRICT_WARNINGS, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "no taskiq ok"
+    """
+    assert run_python(script) == "no taskiq ok"
 
 
 class HeldSend(TaskiqMiddleware):

@@ -7,37 +7,16 @@ nothing else imports it, where `fastapi_bgplus` must not import it either.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from .conftest import STRICT_WARNINGS
-
-ROOT = Path(__file__).parent.parent
-
-BLOCK = textwrap.dedent(
-    """
-    import sys
-
-    BLOCKED = {blocked!r}
-
-    class Blocked:
-        # Stands for an install without these packages: any import of them fails.
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-            return None
-
-    sys.meta_path.insert(0, Blocked)
-    """
-)
+from ._subprocess import run_python
 
 RUN = textwrap.dedent(
     """
+    import sys
+
     from fastapi_bgplus import TrackedBackgroundTasks
     from fastapi_bgplus._tracing import extract_context, inject_context
     from starlette.applications import Starlette
@@ -81,14 +60,5 @@ RUN = textwrap.dedent(
     ],
 )
 def test_tasks_run_and_opentelemetry_is_never_imported(blocked: list[str], check: str) -> None:
-    script = BLOCK.format(blocked=set(blocked)) + RUN + textwrap.dedent(check) + 'print("ok")\n'
-    result = subprocess.run(
-        [sys.executable, *STRICT_WARNINGS, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    script = RUN + textwrap.dedent(check) + 'print("ok")\n'
+    assert run_python(script, without=blocked) == "ok"
