@@ -6,7 +6,6 @@ import functools
 import inspect
 import logging
 import math
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks, task
 from fastapi_bgplus._options import TaskFunction
 
+from ._subprocess import run_python
 from .conftest import Sent
 
 pytestmark = pytest.mark.anyio
@@ -403,15 +403,13 @@ def test_retries_without_stamina_say_how_to_install_it(monkeypatch: pytest.Monke
 
 
 def test_importing_the_package_does_not_import_stamina() -> None:
-    script = (
-        "import sys, fastapi_bgplus\n"
-        "fastapi_bgplus.task(timeout=1.0)(print)\n"
-        "assert 'stamina' not in sys.modules and 'tenacity' not in sys.modules\n"
+    run_python(
+        """
+        import sys, fastapi_bgplus
+        fastapi_bgplus.task(timeout=1.0)(print)
+        assert 'stamina' not in sys.modules and 'tenacity' not in sys.modules
+        """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
 
 
 async def test_callable_objects_and_partials_may_carry_options() -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,8 @@ from fastapi_bgplus._tracing import (
     span_observer,
 )
 
+from ._subprocess import run_python
 from .apps.memory import request_tasks
-from .conftest import STRICT_WARNINGS
 
 pytestmark = pytest.mark.anyio
 
@@ -509,19 +507,12 @@ def test_the_readme_snippet_runs_and_prints_the_task_span() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme.split("\n### Tracing (OpenTelemetry)\n", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    result = subprocess.run(
-        [sys.executable, *STRICT_WARNINGS, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    last = result.stdout.strip().splitlines()[-1]
+    output = run_python(code)
+    last = output.splitlines()[-1]
     assert last.startswith(
         "fastapi.background_task {'code.function.name': '__main__.send_welcome_email',"
         " 'fastapi_bgplus.task.id': '"
-    ), result.stdout
+    ), output
     assert "ada@example.com" not in last
 
 
