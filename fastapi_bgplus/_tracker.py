@@ -58,16 +58,18 @@ class Binding:
 def binding_of(scope: Scope) -> Binding | None:
     """The `Binding` of this request's collection, or `None` without a tracker.
 
-    Built once per app and tracker start, and shared by its requests: this is
-    on every request's path."""
+    Built once per app (the one the request belongs to: a mounted sub-app has
+    its own) and tracker start, and shared by its requests: this is on every
+    request's path."""
     state = scope.get("state")
     tracker: TaskTracker | None = state.get(_STATE_KEY) if state else None
     if tracker is None:
         return None
-    binding = tracker._binding
     app = scope.get("app")
-    if binding is None or binding.reporter.sender is not app:
-        binding = tracker._binding = Binding(
+    # By id: the binding's reporter holds the app, so the id stays its own.
+    binding = tracker._bindings.get(id(app))
+    if binding is None:
+        binding = tracker._bindings[id(app)] = Binding(
             Reporter(app, tracker.observers),
             tracker._on_trio,
             tracker.spawn if tracker.detach else None,
@@ -255,7 +257,7 @@ class TaskTracker:
         self._observers: tuple[TaskObserver, ...] = (self._ledger,)
         self._serving = False
         self._on_trio = False
-        self._binding: Binding | None = None
+        self._bindings: dict[int, Binding] = {}  # by the id of the app
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -387,7 +389,7 @@ class TaskTracker:
         ledger = self._ledger
         ledger.done = ledger.failed = ledger.abandoned = 0
         self._on_trio = current_library() == "trio"
-        self._binding = None
+        self._bindings = {}
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         async with self._detached_runs():
@@ -438,7 +440,7 @@ class TaskTracker:
 
     def _set_observers(self, observers: tuple[TaskObserver, ...]) -> None:
         self._observers = observers
-        self._binding = None  # it holds the observers it was built with
+        self._bindings = {}  # they hold the observers they were built with
 
     # Detached mode
 

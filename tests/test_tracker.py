@@ -99,6 +99,37 @@ def test_a_fastapi_app_tracks_the_tasks_of_its_requests(hook: str, anyio_backend
         assert events == ["startup", "shutdown"]
 
 
+def test_a_mounted_app_s_tasks_are_tracked_and_sent_as_its_own(
+    anyio_backend: Backend, sent: list[Sent]
+) -> None:
+    """A FastAPI app mounted in the one whose lifespan runs the tracker: its
+    requests' tasks are tracked too, and their signals name the app each
+    request belongs to, whatever the order the requests come in."""
+    tracker = TaskTracker()
+    outer = FastAPI(lifespan=tracker.lifespan)
+    inner = FastAPI()
+    handles: list[TaskHandle] = []
+
+    @outer.get("/")
+    async def home(tasks: BackgroundTasks) -> None:
+        handles.append(tasks.add_task(noop))
+
+    @inner.get("/")
+    async def sub(tasks: BackgroundTasks) -> None:
+        handles.append(tasks.add_task(noop))
+
+    outer.mount("/sub", inner)
+    paths = ["/", "/sub/", "/sub/", "/", "/sub/"]
+    with TestClient(outer, backend=anyio_backend) as client:
+        for path in paths:
+            assert client.get(path).status_code == 200
+        assert [tracker.get(handle.task_id) for handle in handles] == handles
+    assert [handle.status for handle in handles] == ["done"] * len(paths)
+    completed = [e for e in sent if e.signal == "task_completed"]
+    assert [e.kwargs["handle"] for e in completed] == handles
+    assert [e.sender for e in completed] == [inner if path == "/sub/" else outer for path in paths]
+
+
 def test_a_wrapped_lifespan_may_yield_no_state(anyio_backend: Backend) -> None:
     tracker = TaskTracker()
     events: list[str] = []
