@@ -15,9 +15,6 @@ __all__ = [
     "TaskStatus",
     "finished_mono",
     "handed_off",
-    "mark_finished",
-    "mark_handed_off",
-    "mark_started",
 ]
 
 
@@ -93,6 +90,11 @@ class TaskHandle:
     are safe to keep, log and serialise.
     """
 
+    # Its state (`status`, `error`, `attempts`, the clocks, the event `wait()`
+    # waits on, `_handed_off`) changes only at a transition, and transitions
+    # are made in one place: `_lifecycle.Reporter`, which writes these slots
+    # itself (a call less per transition: per task, that is measurable).
+
     __slots__ = (
         "_created_mono",
         "_created_wall",
@@ -107,7 +109,7 @@ class TaskHandle:
         "task_id",
     )
 
-    _handed_off: bool  # unset until `mark_handed_off`: nothing to pay per task
+    _handed_off: bool  # unset until `Reporter.handed_off`: nothing to pay per task
 
     def __init__(self, name: str) -> None:
         try:
@@ -200,38 +202,11 @@ class TaskHandle:
         }
 
 
-# A task's transitions, written only here; `_lifecycle` decides when.
-
-
-def mark_started(handle: TaskHandle) -> None:
-    """Pending (or retrying) to running: one more attempt begins."""
-    handle.status = RUNNING
-    handle.attempts += 1
-    if handle._started_mono is None:
-        handle._started_mono = time.perf_counter()
-
-
-def mark_finished(
-    handle: TaskHandle, status: TaskStatus, error: BaseException | None = None
-) -> None:
-    """Running or pending to an end state; wakes every `wait()`."""
-    handle.status = status
-    handle.error = error
-    handle._finished_mono = time.perf_counter()
-    if handle._finished_event is not None:
-        handle._finished_event.set()
-
-
-def mark_handed_off(handle: TaskHandle) -> None:
-    """Still pending, but in another process's hands from now on; wakes every
-    `wait()`, which then says so."""
-    handle._handed_off = True
-    if handle._finished_event is not None:
-        handle._finished_event.set()
+# Read by the runners and the tracker; written by `_lifecycle.Reporter` only.
 
 
 def handed_off(handle: TaskHandle) -> bool:
-    """Whether the task was sent out of this process (see `mark_handed_off`)."""
+    """Whether the task was sent out of this process (`Reporter.handed_off`)."""
     return getattr(handle, "_handed_off", False)
 
 

@@ -16,26 +16,22 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from blinker import Signal
 
 from ._eventloop import current_library
-from ._handle import (
-    DONE,
-    TaskHandle,
-    TaskStatus,
-    mark_finished,
-    mark_handed_off,
-    mark_started,
-)
+from ._handle import DONE, RUNNING, TaskHandle, TaskStatus
 from ._signals import send
 from .signals import task_abandoned, task_completed, task_failed, task_retrying, task_started
 
 __all__ = ["UNBOUND", "Cancellable", "Reporter", "TaskObserver"]
 
 logger = logging.getLogger("fastapi_bgplus")
+
+_now = time.perf_counter  # the handles' clock: monotonic, for durations
 
 
 class Cancellable(Protocol):
@@ -118,7 +114,10 @@ class Reporter:
 
     def started(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
         """An attempt begins: running, ``attempts`` + 1, `task_started`."""
-        mark_started(handle)
+        handle.status = RUNNING
+        handle.attempts += 1
+        if handle._started_mono is None:  # the first attempt's start
+            handle._started_mono = _now()
         for hook in self._on_started:
             hook(handle)
         if not task_started.receivers:
@@ -126,7 +125,10 @@ class Reporter:
         return send(task_started, self.sender, handle=handle, task_id=handle.task_id, func=func)
 
     def completed(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
-        mark_finished(handle, DONE)
+        handle.status = DONE
+        handle._finished_mono = _now()
+        if handle._finished_event is not None:
+            handle._finished_event.set()
         for hook in self._on_ended:
             hook(handle)
         if not task_completed.receivers:
@@ -143,7 +145,7 @@ class Reporter:
     async def failed(
         self, handle: TaskHandle, func: Callable[..., Any], error: BaseException
     ) -> None:
-        mark_finished(handle, TaskStatus.FAILED, error)
+        _finish(handle, TaskStatus.FAILED, error)
         # Never the arguments: they carry addresses, tokens and other personal data.
         logger.error("Background task %s (%s) failed", handle.task_id, handle.name, exc_info=error)
         for hook in self._on_ended:
@@ -187,13 +189,15 @@ class Reporter:
         """The task was sent out of this process (to a taskiq broker): its
         handle stays ``pending`` here, and the process that runs it reports
         the rest (status in the task store, signals there)."""
-        mark_handed_off(handle)
+        handle._handed_off = True
+        if handle._finished_event is not None:
+            handle._finished_event.set()  # `wait()` wakes, and says where to look
         logger.debug("Background task %s (%s) handed off", handle.task_id, handle.name)
         for hook in self._on_handed_off:
             hook(handle)
 
     def _abandon(self, handle: TaskHandle, reason: str) -> None:
-        mark_finished(handle, TaskStatus.CANCELLED)
+        _finish(handle, TaskStatus.CANCELLED)
         logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
         for hook in self._on_ended:
             hook(handle)
@@ -252,6 +256,15 @@ class Reporter:
                 func=func,
                 reason=reason,
             )
+
+
+def _finish(handle: TaskHandle, status: TaskStatus, error: BaseException | None = None) -> None:
+    """Running or pending to an end state; wakes every `wait()`."""
+    handle.status = status
+    handle.error = error
+    handle._finished_mono = _now()
+    if handle._finished_event is not None:
+        handle._finished_event.set()
 
 
 UNBOUND = Reporter(None)

@@ -28,12 +28,10 @@ from fastapi_bgplus import (
     MemoryStore,
     SQLiteStore,
     TaskHandle,
-    TaskStatus,
     TaskStore,
     TaskTracker,
     TrackedBackgroundTasks,
 )
-from fastapi_bgplus._handle import mark_finished
 from fastapi_bgplus._store import StoreWriter
 
 from .apps.memory import noop, run_tasks
@@ -348,11 +346,16 @@ def _owner(store: MemoryStore) -> str:
     return owner
 
 
-def handles(count: int, finished: bool) -> list[TaskHandle]:
-    made = [TaskHandle("app.job") for _ in range(count)]
-    if finished:
-        for handle in made:
-            mark_finished(handle, TaskStatus.DONE)
+def handles(count: int) -> list[TaskHandle]:
+    """Handles of `count` tasks not yet run."""
+    return [TaskHandle("app.job") for _ in range(count)]
+
+
+async def ran(count: int) -> list[TaskHandle]:
+    """Handles of `count` tasks that ran and are done."""
+    tasks = TrackedBackgroundTasks()
+    made = [tasks.add_task(noop) for _ in range(count)]
+    await tasks.run()
     return made
 
 
@@ -376,8 +379,8 @@ async def test_one_warning_per_window_and_a_bounded_buffer(
     await writer.start()
     run: Any = None  # the writer never cancels anything
     store.failing = True
-    live = handles(2, finished=False)
-    finished = handles(3, finished=True)
+    live = handles(2)
+    finished = await ran(3)
     for handle in live[:1] + finished + live[1:]:
         writer.task_queued(handle, run)
     assert writer.buffered == 4  # the oldest finished one went
@@ -391,7 +394,7 @@ async def test_one_warning_per_window_and_a_bounded_buffer(
     assert len(store_warnings(caplog)) == 2
     assert "0 dropped" in store_warnings(caplog)[1]
     # The finished records go first; then, with only unfinished ones left, the oldest.
-    newer = handles(3, finished=False)
+    newer = handles(3)
     for handle in newer:
         writer.task_started(handle)
     assert writer.buffered == 4
@@ -412,7 +415,7 @@ async def test_a_write_that_fails_keeps_newer_transitions(
     store = FlakyStore()
     writer = StoreWriter(store, lease_ttl=30.0, history_ttl=None, max_buffered=2)
     await writer.start()
-    first, second, third = handles(3, finished=False)
+    first, second, third = handles(3)
     writer.task_queued(first, None)  # type: ignore[arg-type]
     writer.task_queued(second, None)  # type: ignore[arg-type]
     original = store.put
@@ -439,7 +442,7 @@ async def test_a_task_handed_off_to_a_queue_is_left_to_its_worker_to_write() -> 
     store = MemoryStore()
     writer = StoreWriter(store, lease_ttl=30.0, history_ttl=None)
     await writer.start()
-    kept, handed_off = handles(2, finished=False)
+    kept, handed_off = handles(2)
     writer.task_queued(kept, None)  # type: ignore[arg-type]
     writer.task_queued(handed_off, None)  # type: ignore[arg-type]
     worker_record = {**handed_off.to_dict(), "status": "running", "owner": "worker"}
