@@ -230,103 +230,45 @@ async def starlette_provider(connection: HTTPConnection) -> StarletteBackgroundT
     return tasks
 
 
-# Module-level aliases: annotations are strings here, resolved in this module.
-AnyPlainDependency = Annotated[int, Depends(plain_dependency)]
-AnyYieldDependency = Annotated[int, Depends(yield_dependency)]
+# What the `tasks` parameter of each mechanism's endpoint is (see MECHANISMS).
 FromPlainProvider = Annotated[TrackedBackgroundTasks, Depends(plain_provider)]
 FromYieldProvider = Annotated[TrackedBackgroundTasks, Depends(yield_provider)]
 FromStarletteProvider = Annotated[Any, Depends(starlette_provider)]
 
 
+# Per mechanism: what the endpoint's `tasks` parameter is, and the dependency
+# the route takes besides (the cost of any `Depends`), if any.
+MECHANISMS: dict[str, tuple[Any, Any]] = {
+    "plain": (None, None),
+    "fastapi": (fastapi.BackgroundTasks, None),
+    "fastapi + any plain dependency": (fastapi.BackgroundTasks, plain_dependency),
+    "fastapi + any yield dependency": (fastapi.BackgroundTasks, yield_dependency),
+    "our collection, plain dependency": (FromPlainProvider, None),
+    "our collection, yield dependency": (FromYieldProvider, None),
+    "Starlette's collection, the shipped provider's mechanism": (FromStarletteProvider, None),
+    "fastapi_bgplus.BackgroundTasks": (fastapi_bgplus.BackgroundTasks, None),
+    "fastapi_bgplus.BackgroundTasks, tracker off": (Untracked, None),
+}
+
+
 def mechanism_app(mechanism: str) -> FastAPI:
     """An app whose one route, ``POST /x``, queues a no-op through `mechanism`."""
+    tasks_type, besides = MECHANISMS[mechanism]
     one = FastAPI()
-    if mechanism == "plain":
+    if tasks_type is None:
 
         @one.post("/x")
         async def no_task(order: Order) -> Receipt:
             return receipt(order)
 
-    elif mechanism == "fastapi":
+        return one
 
-        @one.post("/x")
-        async def with_fastapi(order: Order, tasks: fastapi.BackgroundTasks) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
+    async def with_tasks(order: Order, tasks: Any) -> Receipt:
+        result = receipt(order)
+        tasks.add_task(noop, result.order_id)
+        return result
 
-    elif mechanism == "fastapi + any plain dependency":
-
-        @one.post("/x")
-        async def with_plain(
-            order: Order, tasks: fastapi.BackgroundTasks, _: AnyPlainDependency
-        ) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
-    elif mechanism == "fastapi + any yield dependency":
-
-        @one.post("/x")
-        async def with_yield(
-            order: Order, tasks: fastapi.BackgroundTasks, _: AnyYieldDependency
-        ) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
-    elif mechanism == "our collection, plain dependency":
-
-        @one.post("/x")
-        async def from_plain(order: Order, tasks: FromPlainProvider) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
-    elif mechanism == "our collection, yield dependency":
-
-        @one.post("/x")
-        async def from_yield(order: Order, tasks: FromYieldProvider) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
-    elif mechanism == "Starlette's collection, the shipped provider's mechanism":
-
-        @one.post("/x")
-        async def from_starlette(order: Order, tasks: FromStarletteProvider) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
-    elif mechanism == "fastapi_bgplus.BackgroundTasks, tracker off":
-
-        @one.post("/x")
-        async def from_untracked(order: Order, tasks: Untracked) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
-    else:
-        assert mechanism == "fastapi_bgplus.BackgroundTasks", mechanism
-
-        @one.post("/x")
-        async def from_bgplus(order: Order, tasks: fastapi_bgplus.BackgroundTasks) -> Receipt:
-            result = receipt(order)
-            tasks.add_task(noop, result.order_id)
-            return result
-
+    # FastAPI reads the parameters' types from the annotations.
+    with_tasks.__annotations__ = {"order": Order, "tasks": tasks_type, "return": Receipt}
+    one.post("/x", dependencies=[Depends(besides)] if besides else None)(with_tasks)
     return one
-
-
-MECHANISMS = (
-    "plain",
-    "fastapi",
-    "fastapi + any plain dependency",
-    "fastapi + any yield dependency",
-    "our collection, plain dependency",
-    "our collection, yield dependency",
-    "Starlette's collection, the shipped provider's mechanism",
-    "fastapi_bgplus.BackgroundTasks",
-    "fastapi_bgplus.BackgroundTasks, tracker off",
-)
