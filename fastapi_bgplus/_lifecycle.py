@@ -125,6 +125,8 @@ class Reporter:
         return send(task_started, self.sender, handle=handle, task_id=handle.task_id, func=func)
 
     def completed(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
+        # `_finish(handle, DONE)`, inlined: every task that succeeds passes here
+        # (its `error` is still None), and the call is measurable per task.
         handle.status = DONE
         handle._finished_mono = _now()
         if handle._finished_event is not None:
