@@ -83,8 +83,8 @@ class Reporter:
         "_on_queued",
         "_on_started",
         "observers",
+        "on_queued",
         "sender",
-        "tracks_queued",
     )
 
     _on_queued: tuple[Callable[[TaskHandle, Cancellable], None], ...]
@@ -95,8 +95,9 @@ class Reporter:
     def __init__(self, sender: Any, observers: Sequence[TaskObserver] = ()) -> None:
         self.sender = sender
         self.observers = tuple(observers)
-        self.tracks_queued = False
-        """Whether an observer listens to `queued` (else callers may skip it)."""
+        self.on_queued: Callable[[TaskHandle, Cancellable], None] | None = None
+        """What `add_task` calls with ``(handle, run)``: `queued`, or the one
+        observer hook it would call; `None` when no observer listens."""
         if not observers:  # a collection without a tracker: built per request
             self._on_queued = self._on_started = self._on_ended = self._on_handed_off = ()
             return
@@ -106,9 +107,13 @@ class Reporter:
         self._on_started = tuple([o.task_started for o in observers if o.task_started])
         self._on_ended = tuple([o.task_ended for o in observers if o.task_ended])
         self._on_handed_off = tuple([o.task_handed_off for o in observers if o.task_handed_off])
-        self.tracks_queued = bool(self._on_queued)
+        if len(self._on_queued) == 1:  # the tracker's ledger, alone: no call in between
+            self.on_queued = self._on_queued[0]
+        elif self._on_queued:
+            self.on_queued = self.queued
 
     def queued(self, handle: TaskHandle, run: Cancellable) -> None:
+        """A task was queued on `run`, which can cut it off."""
         for hook in self._on_queued:
             hook(handle, run)
 

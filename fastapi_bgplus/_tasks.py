@@ -20,7 +20,7 @@ from ._handle import PENDING, RUNNING, TaskHandle, callable_name, handed_off
 from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
 from ._tracing import current_observer
-from ._tracker import binding_of
+from ._tracker import Cutoff, binding_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -32,6 +32,7 @@ P = ParamSpec("P")
 
 _GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
 _COROUTINE = inspect.CO_COROUTINE
+current_task = asyncio.current_task
 _new_task = object.__new__
 
 
@@ -105,12 +106,12 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         "_accepting",
         "_cancel_reason",
         "_closed",
+        "_cutoff",
         "_host",
         "_report",
         "_runners",
         "_spawn",
         "_started",
-        "_trio",
         "handles",
     )
 
@@ -124,8 +125,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         self._closed: str | None = None  # why later tasks cannot run, once closed
         self._cancel_reason: str | None = None
         self._host: Any = None  # what `cancel()` cancels while it runs
-        # Set by `for_request` when a tracker may `cancel()` it: whether it runs on trio.
-        self._trio: bool | None = None
+        # Set by `for_request` when a tracker may `cancel()` it: what makes its
+        # run cancellable (see `run`).
+        self._cutoff: Cutoff | None = None
         # Set by `for_request` in detached mode: hands the run to the tracker.
         self._spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], bool] | None = None
         if not tasks:
@@ -156,7 +158,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             tasks._report = Reporter(scope.get("app"))
         else:
             tasks._report = binding.reporter
-            tasks._trio = binding.trio
+            tasks._cutoff = binding.cutoff
             tasks._spawn = binding.spawn
         if (tracing := current_observer()) is not None:  # a span records: trace each task
             report = tasks._report
@@ -204,9 +206,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 )
                 self.tasks.append(task)
                 self.handles.append(handle)
-                report = self._report
-                if report.tracks_queued:
-                    report.queued(handle, self)
+                if (queued := self._report.on_queued) is not None:
+                    queued(handle, self)
                 return handle
         _check_task_callable(func)
         if self._closed is not None:
@@ -232,29 +233,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             self._runners[len(self.tasks)] = runner
         self.tasks.append(task)
         self.handles.append(handle)
-        if self._report.tracks_queued:
-            self._report.queued(handle, self)
+        if (queued := self._report.on_queued) is not None:
+            queued(handle, self)
         return handle
-
-    async def run(self) -> None:
-        """Run the queued tasks, one after the other; a collection runs once.
-
-        Raises `RuntimeError` if it has already run. Cancellation is not
-        swallowed: the running task and those queued behind it end
-        ``cancelled``, each with a `task_abandoned` signal, and the
-        cancellation propagates (unless it came from `cancel()`).
-        """
-        if self._started:
-            raise RuntimeError(
-                "This BackgroundTasks collection has already run, and a"
-                " collection runs once; build a new BackgroundTasks() for more work"
-            )
-        self._started = True
-        self._accepting = False
-        await self._run_tasks()
-
-    # `await tasks()` is `await tasks.run()`, without a coroutine in between.
-    __call__ = run
 
     async def __aenter__(self) -> Self:
         return self
@@ -272,9 +253,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             # The common ending, on every request (the FastAPI provider exits
             # the collection this way): `end_request(None)`, without a
             # coroutine in between.
-            self._started = True
-            self._accepting = False
-            await self._run_tasks()
+            await self.run()
             self._closed = _RAN
             return
         await self.end_request(exc)
@@ -291,16 +270,15 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """
         if error is None:
             if not self._started:
-                self._started = True
-                self._accepting = False
                 spawn = self._spawn
-                if spawn is not None and spawn(self._run_tasks):
+                if spawn is not None and spawn(self._run_detached):
+                    self._started = True  # claimed: it runs once, detached
                     self._close(
                         "it was queued after the request's background tasks had been"
                         " handed to the TaskTracker to run detached (detach=True)"
                     )
                     return
-                await self._run_tasks()
+                await self.run()
             self._close(_RAN)
         else:
             self._close(
@@ -328,27 +306,45 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             # that swallows cancellation): report the losses now.
             await self._abandon(reason)
 
-    async def _run_tasks(self) -> None:
-        """The run proper, once `_started` is set: each task in turn, isolated.
+    async def run(self) -> None:
+        """Run the queued tasks, one after the other; a collection runs once.
 
-        A tracked collection (``_trio`` set) can be cut off by the drain
-        (`cancel()`). On asyncio that costs no cancel scope (creating and
-        entering an anyio one costs more than the rest of a request's
-        tracking together): the host task is recorded, cancelled only if the
-        drain has to, and its own cancellation taken back here. On trio, a
-        native cancel scope wraps the run instead.
+        Raises `RuntimeError` if it has already run. Cancellation is not
+        swallowed: the running task and those queued behind it end
+        ``cancelled``, each with a `task_abandoned` signal, and the
+        cancellation propagates (unless it came from `cancel()`).
         """
+        # Each task in turn, isolated; the whole run in this one coroutine
+        # (one more, per request, costs as much as a quarter of a task).
+        #
+        # A tracked collection (``_cutoff`` set) can be cut off by the drain
+        # (`cancel()`). On asyncio that costs no cancel scope (creating and
+        # entering an anyio one costs more than the rest of a request's
+        # tracking together): the host task is recorded, cancelled only if the
+        # drain has to, and its own cancellation taken back here. On trio, a
+        # native cancel scope wraps the run instead.
+        if self._started:
+            raise RuntimeError(
+                "This BackgroundTasks collection has already run, and a"
+                " collection runs once; build a new BackgroundTasks() for more work"
+            )
+        self._started = True
+        self._accepting = False
         host = None
-        if self._trio is not None:
-            if self._trio:
+        cutoff = self._cutoff
+        if cutoff is not None:
+            if isinstance(cutoff, str):  # ON_TRIO
                 if self._host is None:
-                    await _run_in_trio_scope(self)  # which calls this again, scoped
+                    await _run_in_trio_scope(self)  # which runs this again, scoped
                     return
             else:
-                self._host = host = asyncio.current_task()
+                # The tracker's loop, passed: `current_task()` without it costs
+                # twice as much before Python 3.12 (and requests run on it).
+                self._host = host = current_task(cutoff) or current_task()
         report = self._report
         tasks = self.tasks
         runners = self._runners
+        failed = False  # whether a task failed: its arguments are forgotten then
         try:
             # Not zip(): with strict=True, which linters ask for, it costs as
             # much as a no-op task on Python 3.11.
@@ -358,6 +354,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 task = tasks[index]
                 if runners is not None and (runner := runners.get(index)) is not None:
                     await runner(report, handle, task)
+                    failed = failed or handle.error is not None
                     continue
                 func = task.func
                 try:
@@ -368,6 +365,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                     else:
                         await run_sync(task)
                 except Exception as exc:
+                    failed = True
                     if handle.status is RUNNING:  # not reported lost meanwhile
                         await report.failed(handle, func, exc)
                 else:
@@ -393,7 +391,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         finally:
             if host is not None:
                 self._host = None
+            if failed and cutoff is not None:
                 _forget_arguments(self)
+
+    __call__ = run  # `await tasks()`, as Starlette's responses run their background
+
+    async def _run_detached(self) -> None:
+        """`run()` in the tracker's task group (detached mode), which the
+        hand-off claimed for it."""
+        self._started = False
+        await self.run()
 
     async def _abandon(self, cause: str) -> None:
         """End every unfinished task as cancelled, loudly."""
@@ -417,35 +424,34 @@ _CANCELLED = (
 
 
 async def _run_in_trio_scope(tasks: TrackedBackgroundTasks) -> None:
-    """`run()` on trio, where a native cancel scope is cheap."""
+    """`run()` on trio, where a native cancel scope is cheap; `run()` calls
+    this, which calls it again inside the scope."""
     import trio
 
     with trio.CancelScope() as scope:
         tasks._host = scope
+        tasks._started = False  # claimed again, at once, by the same run, now scoped
         try:
-            await tasks._run_tasks()
+            await tasks.run()
         finally:
             tasks._host = None
-            _forget_arguments(tasks)
 
 
 def _forget_arguments(tasks: TrackedBackgroundTasks) -> None:
-    """A tracked collection has run: a failed handle, kept in the tracker's
-    history, keeps its exception and a traceback that still formats, but not
-    the request's arguments. Its frames' locals are cleared, and so are the
-    tasks' arguments, which the run's own frames still reach (from Python
-    3.12, a finished frame keeps its caller's frame alive)."""
-    failed = False
+    """A tracked collection has run, and a task failed: a failed handle, kept
+    in the tracker's history, keeps its exception and a traceback that still
+    formats, but not the request's arguments. Its frames' locals are
+    cleared, and so are the tasks' arguments, which the run's own frames
+    still reach (from Python 3.12, a finished frame keeps its caller's frame
+    alive)."""
     for handle in tasks.handles:
         if handle.error is not None:
             traceback.clear_frames(handle.error.__traceback__)
-            failed = True
-    if failed:
-        no_args: Any = ()
-        no_kwargs: Any = {}
-        for task in tasks.tasks:
-            task.args = no_args
-            task.kwargs = no_kwargs
+    no_args: Any = ()
+    no_kwargs: Any = {}
+    for task in tasks.tasks:
+        task.args = no_args
+        task.kwargs = no_kwargs
 
 
 class TaskRunner(Protocol):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -8,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import anyio
 import anyio.abc
@@ -41,17 +42,28 @@ _TASK_ID = re.compile(r"[0-9a-f]{32}")  # as the status route checks it
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 
+ON_TRIO: Final = "trio"
+
+Cutoff: TypeAlias = "asyncio.AbstractEventLoop | Literal['trio']"
+"""How the drain can cut a collection's run off: on asyncio, the tracker's
+event loop (the run's host task is recorded on it); on trio, `ON_TRIO` (the
+run goes in a cancel scope)."""
+
+
 class Binding:
     """What a request's collection takes from its app's tracker: the reporter
-    of the app's tasks, whether it runs on trio, and the detached runner."""
+    of the app's tasks, how its run can be cut off, and the detached runner."""
 
-    __slots__ = ("reporter", "spawn", "trio")
+    __slots__ = ("cutoff", "reporter", "spawn")
 
     def __init__(
-        self, reporter: Reporter, trio: bool, spawn: Callable[[Callable[[], Any]], bool] | None
+        self,
+        reporter: Reporter,
+        cutoff: Cutoff,
+        spawn: Callable[[Callable[[], Any]], bool] | None,
     ) -> None:
         self.reporter = reporter
-        self.trio = trio
+        self.cutoff = cutoff
         self.spawn = spawn
 
 
@@ -71,7 +83,7 @@ def binding_of(scope: Scope) -> Binding | None:
     if binding is None:
         binding = tracker._bindings[id(app)] = Binding(
             Reporter(app, tracker.observers),
-            tracker._on_trio,
+            tracker._cutoff,
             tracker.spawn if tracker.detach else None,
         )
     return binding
@@ -104,7 +116,9 @@ class _Ledger:
     task_started = None  # the ledger books only arrivals and ends
 
     def task_ended(self, handle: TaskHandle) -> None:
-        self.live.pop(handle.task_id, None)
+        task_id = handle.task_id
+        live = self.live
+        live.pop(task_id, None)
         status = handle.status  # by identity: hashing an enum member is slow
         if status is DONE:
             self.done += 1
@@ -112,18 +126,15 @@ class _Ledger:
             self.failed += 1
         else:
             self.abandoned += 1
-        if self.history_size:
-            finished = self.finished
-            finished.append(handle)
-            if len(finished) > self.history_size:
-                # The next oldest expires no sooner: `next_expiry` still holds.
-                self.handles.pop(finished.popleft().task_id, None)
-            now = time.perf_counter()
-            if now >= self.next_expiry:
-                self.expire(now)
-        else:
-            self.handles.pop(handle.task_id, None)
-        if self.idle is not None and not self.live:
+        finished = self.finished
+        finished.append(handle)
+        if len(finished) > self.history_size:
+            # The oldest goes (this one, with no history). The next oldest
+            # expires no sooner: `next_expiry` still holds.
+            self.handles.pop(finished.popleft().task_id, None)
+        elif self.next_expiry <= (now := time.perf_counter()):
+            self.expire(now)
+        if not live and self.idle is not None:
             self.idle.set()
 
     def task_handed_off(self, handle: TaskHandle) -> None:
@@ -256,7 +267,7 @@ class TaskTracker:
         self._ledger = _Ledger(history_size, history_ttl)
         self._observers: tuple[TaskObserver, ...] = (self._ledger,)
         self._serving = False
-        self._on_trio = False
+        self._cutoff: Cutoff = ON_TRIO  # set at startup
         self._bindings: dict[int, Binding] = {}  # by the id of the app
 
     def __repr__(self) -> str:
@@ -388,7 +399,7 @@ class TaskTracker:
     async def _draining(self) -> AsyncIterator[None]:
         ledger = self._ledger
         ledger.done = ledger.failed = ledger.abandoned = 0
-        self._on_trio = current_library() == "trio"
+        self._cutoff = ON_TRIO if current_library() == "trio" else asyncio.get_running_loop()
         self._bindings = {}
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
