@@ -17,7 +17,7 @@ never does.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING
 
@@ -58,16 +58,33 @@ ATTEMPT = "fastapi_bgplus.task.attempt"
 _FAILED = TaskStatus.FAILED
 _CANCELLED = TaskStatus.CANCELLED
 _tracer: Tracer | None = None
+# Once OpenTelemetry is imported: its functions, bound once.
+_current_context: Callable[[], Context] | None = None
+_current_span: Callable[[Context], Span] | None = None
+_quiet: Context | None = None  # the last context checked where no span records
 _task_key = ""  # marks the context a task's span was attached in (see task_ended)
 
 
 def current_observer() -> SpanObserver | None:
     """A `SpanObserver` for a new collection if a span records in the current
     context, else `None`: one check per collection, none per task."""
-    # No span can record before OpenTelemetry is imported; looking in
-    # sys.modules first keeps it unimported, and the check free, without it.
-    loaded = sys.modules.get("opentelemetry.trace")
-    if loaded is None or not loaded.get_current_span().is_recording():
+    global _current_context, _current_span, _quiet
+    if _current_context is None or _current_span is None:
+        # No span can record before OpenTelemetry is imported; looking in
+        # sys.modules first keeps it unimported, and the check free, without it.
+        loaded = sys.modules.get("opentelemetry.trace")
+        if loaded is None:
+            return None
+        _current_context = sys.modules["opentelemetry.context"].get_current
+        _current_span = loaded.get_current_span
+    context = _current_context()
+    if context is _quiet:
+        # A context is immutable, and a span that does not record never
+        # will: the answer of the last check stands (without a tracing
+        # middleware, every request has this same context).
+        return None
+    if not _current_span(context).is_recording():
+        _quiet = context
         return None
     return span_observer()
 
