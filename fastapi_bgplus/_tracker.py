@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -96,13 +97,17 @@ class _Ledger:
     def __init__(self, history_size: int, history_ttl: float | None) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        # Every handle it answers for by id, live or finished; `live` maps the
-        # unfinished to the run that can cut them off (in the order queued),
-        # and `finished` holds the others in the order they ended, for the
-        # bounds. Per task: two inserts, a removal and an append.
+        # The unfinished, by id: their handles, and the runs that can cut them
+        # off, in the order queued. Per task: two inserts, two removals.
         self.handles: dict[str, TaskHandle] = {}
         self.live: dict[str, Cancellable] = {}
-        self.finished: deque[TaskHandle] = deque()
+        # The finished, oldest first; past `history_size` the oldest drop out.
+        # Ending a task costs an append: they are indexed by id only when
+        # someone asks (`get`), in the status route's time, not the request's.
+        self.finished: deque[TaskHandle] = deque(maxlen=history_size)
+        self.ended = 0  # handles ever appended to `finished`: the n-th is number n
+        self._numbers: dict[str, int] = {}  # a finished handle's number, by id
+        self._numbered = 0  # `ended`, when `_numbers` last caught up
         self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
         # When the oldest handle in the history expires; -inf: look at the next end.
@@ -119,6 +124,7 @@ class _Ledger:
         task_id = handle.task_id
         live = self.live
         live.pop(task_id, None)
+        self.handles.pop(task_id, None)
         status = handle.status  # by identity: hashing an enum member is slow
         if status is DONE:
             self.done += 1
@@ -126,13 +132,9 @@ class _Ledger:
             self.failed += 1
         else:
             self.abandoned += 1
-        finished = self.finished
-        finished.append(handle)
-        if len(finished) > self.history_size:
-            # The oldest goes (this one, with no history). The next oldest
-            # expires no sooner: `next_expiry` still holds.
-            self.handles.pop(finished.popleft().task_id, None)
-        elif self.next_expiry <= (now := time.perf_counter()):
+        self.finished.append(handle)
+        self.ended += 1
+        if self.next_expiry <= (now := time.perf_counter()):
             self.expire(now)
         if not live and self.idle is not None:
             self.idle.set()
@@ -146,15 +148,36 @@ class _Ledger:
             self.idle.set()
 
     def get(self, task_id: str) -> TaskHandle | None:
-        if task_id in self.live:
-            return self.handles[task_id]
+        handle = self.handles.get(task_id)
+        if handle is not None:
+            return handle
         self.expire(time.perf_counter())
-        return self.handles.get(task_id)
+        finished = self.finished
+        if self._numbered != self.ended:
+            self._number(finished)
+        number = self._numbers.get(task_id)
+        oldest = self.ended - len(finished) + 1  # the number of `finished[0]`
+        if number is None or number < oldest:
+            return None  # unknown, or no longer in the history
+        return finished[number - oldest]
+
+    def _number(self, finished: deque[TaskHandle]) -> None:
+        """Number the handles that ended since the last call."""
+        numbers = self._numbers
+        fresh = self.ended - self._numbered
+        if fresh >= len(finished) or len(numbers) > 2 * len(finished) + 1024:
+            # Those that left the history are many: start afresh.
+            numbers.clear()
+            fresh = len(finished)
+        number = self.ended - fresh
+        for handle in itertools.islice(finished, len(finished) - fresh, None):
+            number += 1
+            numbers[handle.task_id] = number
+        self._numbered = self.ended
 
     @property
     def in_flight(self) -> list[TaskHandle]:
-        handles = self.handles
-        return [handles[task_id] for task_id in self.live]
+        return list(self.handles.values())
 
     def expire(self, now: float) -> None:
         """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
@@ -170,7 +193,7 @@ class _Ledger:
             if oldest + ttl > now:
                 self.next_expiry = oldest + ttl
                 return
-            self.handles.pop(finished.popleft().task_id, None)
+            finished.popleft()
         self.next_expiry = -math.inf  # empty: the next handle sets it
 
 

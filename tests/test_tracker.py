@@ -29,6 +29,8 @@ import anyio.from_thread
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -42,6 +44,7 @@ from fastapi_bgplus import (
     TrackedBackgroundTasks,
     current_thread_limiter,
 )
+from fastapi_bgplus._lifecycle import Reporter
 
 from .apps.memory import noop, request_tasks, run_tasks
 from .conftest import Sent
@@ -347,6 +350,49 @@ async def test_the_oldest_finished_handles_go_first() -> None:
         handles = await run_tasks(state, 5)
     assert [tracker.get(h.task_id) for h in handles] == [None, None, *handles[2:]]
     assert repr(tracker) == "<TaskTracker in_flight=0 history=3>"
+
+
+class _Run:
+    """Stands for the run that could cut the tasks off: never asked to here."""
+
+    async def cancel(self, reason: str) -> None:
+        raise AssertionError("no drain in this test")
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    size=st.integers(0, 4),
+    steps=st.lists(st.sampled_from(["queue", "end", "ask"]), max_size=80),
+    data=st.data(),
+)
+def test_get_answers_for_the_live_and_the_last_history_size_to_end(
+    size: int, steps: list[str], data: st.DataObject
+) -> None:
+    """Whatever the order tasks are queued, end and are asked for: `get()`
+    finds every live task and the last `history_size` to end, and none other
+    (the history is numbered lazily, when asked: this checks its bookkeeping
+    against the plain model)."""
+    tracker = TaskTracker(history_size=size, history_ttl=None)
+    report = Reporter(None, tracker.observers)  # as a collection's run reports
+    live: list[TaskHandle] = []
+    ended: list[TaskHandle] = []
+    for step in steps:
+        if step == "queue":
+            handle = TaskHandle("t")
+            report.queued(handle, _Run())
+            live.append(handle)
+        elif step == "end" and live:
+            handle = live.pop(data.draw(st.integers(0, len(live) - 1)))
+            assert report.started(handle, noop) is None  # no receiver connected
+            assert report.completed(handle, noop) is None
+            ended.append(handle)
+        elif step == "ask":
+            kept = ended[max(0, len(ended) - size) :] if size else []
+            for handle in live + ended:
+                expected = handle if handle in live or handle in kept else None
+                assert tracker.get(handle.task_id) is expected
+            assert tracker.in_flight == live
+    assert repr(tracker) == f"<TaskTracker in_flight={len(live)} history={min(size, len(ended))}>"
 
 
 @pytest.mark.anyio
