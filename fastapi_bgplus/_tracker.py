@@ -110,8 +110,6 @@ class _Ledger:
         self._numbered = 0  # `ended`, when `_numbers` last caught up
         self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
-        # When the oldest handle in the history expires; -inf: look at the next end.
-        self.next_expiry = -math.inf
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
         task_id = handle.task_id
@@ -134,8 +132,10 @@ class _Ledger:
             self.abandoned += 1
         self.finished.append(handle)
         self.ended += 1
-        if self.next_expiry <= (now := time.perf_counter()):
-            self.expire(now)
+        if not self.ended & 255:
+            # Now and then, not at every end: `get()` expires handles itself,
+            # and `history_size` bounds the memory meanwhile.
+            self.expire(time.perf_counter())
         if not live and self.idle is not None:
             self.idle.set()
 
@@ -184,17 +184,10 @@ class _Ledger:
         finished = self.finished
         ttl = self.history_ttl
         if ttl is None:
-            self.next_expiry = math.inf
             return
-        while finished:
-            # Handles are appended as they finish, so the oldest is first.
-            oldest = finished_mono(finished[0])
-            assert oldest is not None
-            if oldest + ttl > now:
-                self.next_expiry = oldest + ttl
-                return
+        # Handles are appended as they finish, so the oldest is first.
+        while finished and (finished_mono(finished[0]) or 0.0) + ttl <= now:
             finished.popleft()
-        self.next_expiry = -math.inf  # empty: the next handle sets it
 
 
 DONE = TaskStatus.DONE

@@ -425,6 +425,18 @@ async def test_expired_handles_are_gone(ttl: float | None) -> None:
 
 
 @pytest.mark.anyio
+async def test_expired_handles_leave_memory_as_tasks_keep_ending() -> None:
+    """Without a lookup, the history still sheds what has expired: every 256
+    ends, not at each (the bound of `history_size` holds meanwhile)."""
+    tracker = TaskTracker(history_ttl=1e-9)
+    async with tracker.lifespan(None) as state:
+        await run_tasks(state, 255)
+        assert repr(tracker) == "<TaskTracker in_flight=0 history=255>"
+        await run_tasks(state, 1)
+        assert repr(tracker) == "<TaskTracker in_flight=0 history=0>"
+
+
+@pytest.mark.anyio
 async def test_get_drops_expired_handles_on_the_real_clock() -> None:
     tracker = TaskTracker(history_ttl=1e-9)
     async with tracker.lifespan(None) as state:
