@@ -314,8 +314,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         ``cancelled``, each with a `task_abandoned` signal, and the
         cancellation propagates (unless it came from `cancel()`).
         """
-        # Each task in turn, isolated; the whole run in this one coroutine
-        # (one more, per request, costs as much as a quarter of a task).
+        # Each task in turn, isolated; the whole run in this one coroutine (one
+        # more per collection costs 0.1 us, a fourteenth of Starlette's task).
         #
         # A tracked collection (``_cutoff`` set) can be cut off by the drain
         # (`cancel()`). On asyncio that costs no cancel scope (creating and
