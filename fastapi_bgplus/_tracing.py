@@ -73,7 +73,7 @@ def current_observer() -> SpanObserver | None:
         # No span can record before OpenTelemetry is imported; looking in
         # sys.modules first keeps it unimported, and the check free, without it.
         loaded = sys.modules.get("opentelemetry.trace")
-        if loaded is None:
+        if loaded is None:  # pragma: no cover  (tested in a subprocess)
             return None
         _current_context = sys.modules["opentelemetry.context"].get_current
         _current_span = loaded.get_current_span

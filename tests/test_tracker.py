@@ -29,7 +29,7 @@ import anyio.from_thread
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -359,14 +359,19 @@ class _Run:
         raise AssertionError("no drain in this test")
 
 
-@settings(deadline=None, max_examples=200)
+@settings(
+    deadline=None,
+    max_examples=200,
+    # `no_receivers` holds for every example alike.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     size=st.integers(0, 4),
     steps=st.lists(st.sampled_from(["queue", "end", "ask"]), max_size=80),
     data=st.data(),
 )
 def test_get_answers_for_the_live_and_the_last_history_size_to_end(
-    size: int, steps: list[str], data: st.DataObject
+    size: int, steps: list[str], data: st.DataObject, no_receivers: None
 ) -> None:
     """Whatever the order tasks are queued, end and are asked for: `get()`
     finds every live task and the last `history_size` to end, and none other
