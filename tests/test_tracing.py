@@ -40,7 +40,7 @@ from fastapi_bgplus._tracing import (
 )
 
 from ._subprocess import run_python
-from .apps.memory import request_tasks
+from .apps.memory import Stubborn, request_tasks
 
 pytestmark = pytest.mark.anyio
 
@@ -291,15 +291,7 @@ async def test_a_task_that_swallows_its_cancellation_at_shutdown_is_still_ended(
     # context attached in the request's task is left to that task.
     monkeypatch.setattr("fastapi_bgplus._tracker._UNWIND_GRACE", 0.0)
     tracker = TaskTracker(drain_timeout=0)
-    running, release = anyio.Event(), anyio.Event()
-
-    async def stubborn() -> None:
-        running.set()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await release.wait()
+    stubborn = Stubborn()
 
     async def request(state: Mapping[str, Any]) -> None:
         with tracer.start_as_current_span("request"):
@@ -309,10 +301,10 @@ async def test_a_task_that_swallows_its_cancellation_at_shutdown_is_still_ended(
     async with anyio.create_task_group() as tg:
         async with tracker.lifespan(None) as state:
             tg.start_soon(request, state)
-            await running.wait()
+            await stubborn.running.wait()
         (span,) = named(spans, SPAN)
         assert attributes(span)[CANCELLED] is True
-        release.set()
+        stubborn.release.set()
     assert not [record for record in caplog.records if record.name.startswith("opentelemetry")]
 
 

@@ -46,7 +46,7 @@ from fastapi_bgplus import (
 )
 from fastapi_bgplus._lifecycle import Reporter
 
-from .apps.memory import noop, request_tasks, run_tasks
+from .apps.memory import Stubborn, noop, request_tasks, run_tasks
 from .conftest import Sent
 
 REPO = Path(__file__).parent.parent
@@ -715,16 +715,8 @@ async def test_a_task_that_swallows_its_cancellation_is_still_reported_lost(
 ) -> None:
     monkeypatch.setattr("fastapi_bgplus._tracker._UNWIND_GRACE", 0.0)
     tracker = TaskTracker(drain_timeout=0)
-    running, release = anyio.Event(), anyio.Event()
+    stubborn = Stubborn()
     handles: list[TaskHandle] = []
-
-    async def stubborn() -> None:
-        running.set()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await release.wait()
 
     async def request(state: Mapping[str, Any]) -> None:
         async with request_tasks(state) as tasks:
@@ -733,10 +725,10 @@ async def test_a_task_that_swallows_its_cancellation_is_still_reported_lost(
     async with anyio.create_task_group() as tg:
         async with tracker.lifespan(None) as state:
             tg.start_soon(request, state)
-            await running.wait()
+            await stubborn.running.wait()
         assert handles[0].status == "cancelled"
         assert summary(caplog).endswith("0 done, 0 failed, 1 abandoned")
-        release.set()
+        stubborn.release.set()
     assert handles[0].status == "cancelled"
 
 

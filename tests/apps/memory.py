@@ -34,6 +34,23 @@ async def noop() -> None:
     pass
 
 
+class Stubborn:
+    """A task that swallows its cancellation: cut off, it goes on until
+    `release` is set. `running` is set once it has started."""
+
+    def __init__(self) -> None:
+        self.running = anyio.Event()
+        self.release = anyio.Event()
+
+    async def __call__(self) -> None:
+        self.running.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.release.wait()
+
+
 async def run_tasks(state: Mapping[str, Any], count: int) -> list[TaskHandle]:
     """One request that queues `count` no-op tasks; they have run on return."""
     async with request_tasks(state) as tasks:
