@@ -113,6 +113,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         "_spawn",
         "_started",
         "handles",
+        "tasks",  # Starlette's attribute: a slot here too, so no instance dict is filled
     )
 
     def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
@@ -199,7 +200,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 task.func = func
                 task.args = loose_args
                 task.kwargs = loose_kwargs
-                task.is_async = bool(flags & _COROUTINE)
+                task.is_async = flags & _COROUTINE != 0
                 module = func.__module__
                 handle = TaskHandle(
                     f"{module}.{func.__qualname__}" if module else callable_name(func)
