@@ -139,6 +139,8 @@ class DrainHook(StarletteBackgroundTasks):
 
     loop: asyncio.AbstractEventLoop | None = None  # set by main() on asyncio
 
+    # Starlette's loop is written out in each branch here and in `Booked`, not
+    # shared through a helper: a floor must not pay for a call ours does not make.
     async def __call__(self) -> None:
         if self.loop is not None:
             self.host = asyncio.current_task(self.loop)
