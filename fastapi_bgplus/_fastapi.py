@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import functools
+import inspect
+import weakref
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Annotated
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Annotated, Any
 
 import fastapi
 import fastapi.params
 from fastapi import Depends
 from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from ._tasks import TrackedBackgroundTasks
 
@@ -40,16 +45,72 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         """
         tasks = TrackedBackgroundTasks.for_request(connection)
         scope = connection.scope
-        # Once the endpoint has returned (and every dependency has been
-        # entered), the function-scoped stack unwinds and pushes the
-        # collection's exit on the request's stack: last in, first out, it
-        # runs there (`end_request`) after the response has been sent and
-        # before any `yield` dependency exits, whatever the parameter order.
-        # A plain callback: no coroutine to build and await.
-        scope["fastapi_function_astack"].callback(
-            scope["fastapi_inner_astack"].push_async_exit, tasks
-        )
+        request_stack: AsyncExitStack = scope["fastapi_inner_astack"]
+        if _may_enter_yield_dependencies(scope):
+            # A `yield` dependency entered after this one would put its exit
+            # above the collection's on the request's stack. So the collection
+            # goes there only once the endpoint has returned (and every
+            # dependency has been entered): the function-scoped stack unwinds
+            # and pushes it, on top. Last in, first out, it runs there
+            # (`end_request`) after the response has been sent and before any
+            # `yield` dependency exits, whatever the parameter order.
+            scope["fastapi_function_astack"].callback(request_stack.push_async_exit, tasks)
+        else:
+            # Nothing else this request enters exits after the response: the
+            # collection goes on the request's stack now, without the hop.
+            request_stack.push_async_exit(tasks)
         return tasks
+
+    # Per route: whether it has a `yield` dependency, found once by walking its
+    # dependency tree. Keyed by id (FastAPI's routes are not hashable), with a
+    # weak reference: it tells that the route is still the same one, and drops
+    # the entry with it, so that an app that goes leaves nothing here.
+    _yield_routes: dict[int, tuple[weakref.ref[Any], bool]] = {}
+
+    def _may_enter_yield_dependencies(scope: Scope) -> bool:
+        """Whether this request may enter a `yield` dependency (its route's, or
+        one from ``app.dependency_overrides``): `True` unless sure it cannot."""
+        route = scope["route"]  # FastAPI's, which its routes set as they match
+        known = _yield_routes.get(id(route))
+        if known is None or known[0]() is not route:
+            key = id(route)
+            known = (
+                weakref.ref(route, lambda _: _yield_routes.pop(key, None)),
+                _route_may_yield(route),
+            )
+            _yield_routes[key] = known
+        if known[1]:
+            return True
+        # Overrides can come and go (tests set them): read at every request,
+        # as FastAPI does when it solves the dependencies.
+        overrides = route.dependency_overrides_provider
+        return bool(overrides and overrides.dependency_overrides)
+
+    def _route_may_yield(route: Any) -> bool:
+        dependant = getattr(route, "dependant", None)
+        # A websocket route does not say where its overrides come from.
+        unknown = dependant is None or not hasattr(route, "dependency_overrides_provider")
+        return unknown or _has_generator(dependant)
+
+    def _has_generator(dependant: Any) -> bool:
+        """Whether the call of `dependant` (the endpoint, at the top: a
+        streaming one uses the request's stack too) or of any of its
+        dependencies, at any depth, may be a generator."""
+        return _may_be_generator(dependant.call) or any(
+            _has_generator(sub) for sub in dependant.dependencies
+        )
+
+    def _may_be_generator(call: Any) -> bool:
+        """Whether FastAPI could run `call` as a generator: a generator
+        function, or a callable whose ``__call__`` is one, behind partials and
+        decorators. `True` when in doubt."""
+        while isinstance(call, functools.partial):
+            call = call.func
+        for candidate in (call, inspect.unwrap(call)):
+            for function in (candidate, getattr(candidate, "__call__", None)):  # noqa: B004
+                if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+                    return True
+        return False
 
 else:  # pragma: no cover  (FastAPI < 0.121)
 

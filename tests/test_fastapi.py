@@ -7,6 +7,7 @@ Every request goes through both FastAPI's `TestClient` and httpx's
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal, get_args
@@ -512,6 +513,142 @@ def test_with_a_response_background_a_yield_dependency_is_still_open_too(
     assert call(app, "POST", "/").text == "ok"
     assert log == ["sync task: session open=True", "async task: session open=True"]
     assert [session.open for session in app.state.sessions] == [False]
+
+
+class DbFromAClass:
+    """A `yield` dependency that is a callable instance, as FastAPI allows
+    (its ``__call__`` takes no request: FastAPI cannot resolve the string
+    annotations of an instance's method)."""
+
+    def __init__(self) -> None:
+        self.sessions: list[FakeSession] = []
+
+    async def __call__(self, label: str = "primary") -> AsyncIterator[FakeSession]:
+        session = FakeSession()
+        self.sessions.append(session)
+        try:
+            yield session
+        finally:
+            session.open = False
+
+
+def get_no_db() -> FakeSession:
+    """A plain dependency, for `app.dependency_overrides` to replace."""
+    return FakeSession()
+
+
+async def db_behind_a_plain_dependency(db: Db) -> FakeSession:
+    return db
+
+
+def passed_through(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator whose wrapper is a plain function, as many are."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+db_from_a_class = DbFromAClass()
+DbFromAnInstance = Annotated[FakeSession, Depends(db_from_a_class)]
+DbNested = Annotated[FakeSession, Depends(db_behind_a_plain_dependency)]
+DbPartial = Annotated[FakeSession, Depends(functools.partial(db_from_a_class, "replica"))]
+DbWrapped = Annotated[FakeSession, Depends(passed_through(get_db))]
+NoDb = Annotated[FakeSession, Depends(get_no_db)]
+
+
+@pytest.mark.skipif(
+    FASTAPI < (0, 121),
+    reason="FastAPI < 0.121 exits yield dependencies declared after the provider first (README)",
+)
+@pytest.mark.parametrize(
+    "form",
+    [
+        "callable instance",
+        "nested",
+        "override",
+        pytest.param(
+            "partial",
+            marks=pytest.mark.skipif(FASTAPI < (0, 123, 6), reason="FastAPI >= 0.123.6 only"),
+        ),
+        pytest.param(
+            "wrapped",
+            marks=pytest.mark.skipif(FASTAPI < (0, 123, 6), reason="FastAPI >= 0.123.6 only"),
+        ),
+    ],
+)
+def test_every_form_of_yield_dependency_is_still_open_while_the_tasks_run(
+    form: str, call: Call
+) -> None:
+    """Point 8 whatever the `yield` dependency looks like, declared after the
+    tasks. An override set after the route has served requests counts too."""
+    app = FastAPI()
+    app.state.sessions = []
+    sessions: list[FakeSession] = app.state.sessions
+    log: list[str] = []
+
+    if form in ("callable instance", "partial"):
+        sessions = db_from_a_class.sessions = []
+
+    if form == "callable instance":
+
+        @app.post("/")
+        async def endpoint(tasks: BackgroundTasks, db: DbFromAnInstance) -> None:
+            tasks.add_task(check_open, log, db)
+
+    elif form == "nested":
+
+        @app.post("/")
+        async def endpoint_nested(tasks: BackgroundTasks, db: DbNested) -> None:
+            tasks.add_task(check_open, log, db)
+
+    elif form == "partial":
+
+        @app.post("/")
+        async def endpoint_partial(tasks: BackgroundTasks, db: DbPartial) -> None:
+            tasks.add_task(check_open, log, db)
+
+    elif form == "wrapped":
+
+        @app.post("/")
+        async def endpoint_wrapped(tasks: BackgroundTasks, db: DbWrapped) -> None:
+            tasks.add_task(check_open, log, db)
+
+    else:
+
+        @app.post("/")
+        async def endpoint_overridden(tasks: BackgroundTasks, db: NoDb) -> None:
+            tasks.add_task(check_open, log, db)
+
+        assert call(app, "POST", "/").status_code == 200
+        assert log == ["sync task: session open=True"]  # a plain one: never closed
+        log.clear()
+        app.dependency_overrides[get_no_db] = get_db
+
+    assert call(app, "POST", "/").status_code == 200
+    assert log == ["sync task: session open=True"]
+    assert [session.open for session in sessions] == [False]
+
+
+def test_an_app_that_has_served_requests_can_be_garbage_collected(call: Call) -> None:
+    import gc
+    import weakref
+
+    app = FastAPI()
+    log: list[str] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> None:
+        tasks.add_task(record, log, "ran")
+
+    assert call(app, "POST", "/").status_code == 200
+    assert log == ["ran"]
+    gone = weakref.ref(app)
+    del app, endpoint
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.parametrize("middleware", ["asgi", "http"])
