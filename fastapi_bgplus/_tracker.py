@@ -108,7 +108,8 @@ class _Ledger:
         self.ended = 0  # handles ever appended to `finished`: the n-th is number n
         self._numbers: dict[str, int] = {}  # a finished handle's number, by id
         self._numbered = 0  # `ended`, when `_numbers` last caught up
-        self.done = self.failed = self.abandoned = 0  # since startup
+        self.failed = self.abandoned = 0  # since startup
+        self.ended_before = 0  # `ended` at startup
         self.idle: anyio.Event | None = None
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
@@ -124,12 +125,11 @@ class _Ledger:
         live.pop(task_id, None)
         self.handles.pop(task_id, None)
         status = handle.status  # by identity: hashing an enum member is slow
-        if status is DONE:
-            self.done += 1
-        elif status is FAILED:
-            self.failed += 1
-        else:
-            self.abandoned += 1
+        if status is not DONE:  # the done are counted by difference (`done`)
+            if status is FAILED:
+                self.failed += 1
+            else:
+                self.abandoned += 1
         self.finished.append(handle)
         self.ended += 1
         if not self.ended & 255:
@@ -138,6 +138,11 @@ class _Ledger:
             self.expire(time.perf_counter())
         if not live and self.idle is not None:
             self.idle.set()
+
+    @property
+    def done(self) -> int:
+        """Tasks done since startup."""
+        return self.ended - self.ended_before - self.failed - self.abandoned
 
     def task_handed_off(self, handle: TaskHandle) -> None:
         # Its record is the store's now (the worker writes it): neither in
@@ -414,7 +419,8 @@ class TaskTracker:
     @asynccontextmanager
     async def _draining(self) -> AsyncIterator[None]:
         ledger = self._ledger
-        ledger.done = ledger.failed = ledger.abandoned = 0
+        ledger.failed = ledger.abandoned = 0
+        ledger.ended_before = ledger.ended
         self._cutoff = ON_TRIO if current_library() == "trio" else asyncio.get_running_loop()
         self._bindings = {}
         if self.thread_limit is not None:
