@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import gc
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal, get_args
 
@@ -557,6 +559,13 @@ DbNested = Annotated[FakeSession, Depends(db_behind_a_plain_dependency)]
 DbPartial = Annotated[FakeSession, Depends(functools.partial(db_from_a_class, "replica"))]
 DbWrapped = Annotated[FakeSession, Depends(passed_through(get_db))]
 NoDb = Annotated[FakeSession, Depends(get_no_db)]
+DB_FORMS = {
+    "callable instance": DbFromAnInstance,
+    "nested": DbNested,
+    "override": NoDb,
+    "partial": DbPartial,
+    "wrapped": DbWrapped,
+}
 
 
 @pytest.mark.skipif(
@@ -592,36 +601,13 @@ def test_every_form_of_yield_dependency_is_still_open_while_the_tasks_run(
     if form in ("callable instance", "partial"):
         sessions = db_from_a_class.sessions = []
 
-    if form == "callable instance":
+    async def endpoint(tasks: BackgroundTasks, db: FakeSession) -> None:
+        tasks.add_task(check_open, log, db)
 
-        @app.post("/")
-        async def endpoint(tasks: BackgroundTasks, db: DbFromAnInstance) -> None:
-            tasks.add_task(check_open, log, db)
-
-    elif form == "nested":
-
-        @app.post("/")
-        async def endpoint_nested(tasks: BackgroundTasks, db: DbNested) -> None:
-            tasks.add_task(check_open, log, db)
-
-    elif form == "partial":
-
-        @app.post("/")
-        async def endpoint_partial(tasks: BackgroundTasks, db: DbPartial) -> None:
-            tasks.add_task(check_open, log, db)
-
-    elif form == "wrapped":
-
-        @app.post("/")
-        async def endpoint_wrapped(tasks: BackgroundTasks, db: DbWrapped) -> None:
-            tasks.add_task(check_open, log, db)
-
-    else:
-
-        @app.post("/")
-        async def endpoint_overridden(tasks: BackgroundTasks, db: NoDb) -> None:
-            tasks.add_task(check_open, log, db)
-
+    # The dependency's form, as the annotation FastAPI reads (an object, not a string).
+    endpoint.__annotations__["db"] = DB_FORMS[form]
+    app.post("/")(endpoint)
+    if form == "override":
         assert call(app, "POST", "/").status_code == 200
         assert log == ["sync task: session open=True"]  # a plain one: never closed
         log.clear()
@@ -633,9 +619,6 @@ def test_every_form_of_yield_dependency_is_still_open_while_the_tasks_run(
 
 
 def test_an_app_that_has_served_requests_can_be_garbage_collected(call: Call) -> None:
-    import gc
-    import weakref
-
     app = FastAPI()
     log: list[str] = []
 
