@@ -103,7 +103,12 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
     def _may_be_generator(call: Any) -> bool:
         """Whether FastAPI could run `call` as a generator: a generator
         function, or a callable whose ``__call__`` is one, behind partials and
-        decorators. `True` when in doubt."""
+        decorators. `True` when in doubt.
+
+        Broader than `add_task`'s check of a task: a class counts by its
+        ``__call__`` too (FastAPI before 0.123.6 read a class that way), and
+        the function behind a decorator counts (FastAPI since then runs it so).
+        """
         while isinstance(call, functools.partial):
             call = call.func
         for candidate in (call, inspect.unwrap(call)):
