@@ -71,9 +71,9 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         """Whether this request may enter a `yield` dependency (its route's, or
         one from ``app.dependency_overrides``): `True` unless sure it cannot."""
         route = scope["route"]  # FastAPI's, which its routes set as they match
-        known = _yield_routes.get(id(route))
+        key = id(route)
+        known = _yield_routes.get(key)
         if known is None or known[0]() is not route:
-            key = id(route)
             known = (
                 weakref.ref(route, lambda _: _yield_routes.pop(key, None)),
                 _route_may_yield(route),
