@@ -500,3 +500,12 @@ async def run_sync(task: BackgroundTask) -> None:
     if inspect.isawaitable(result):
         # `add_task(lambda: send(x))`: the work is in the awaitable.
         await result
+    elif inspect.isgenerator(result) or inspect.isasyncgen(result):
+        # A generator function behind a plain wrapper (a decorator, a
+        # lambda): add_task cannot see it, and the body never ran. Failed,
+        # loudly, rather than done.
+        raise TypeError(
+            f"background task {callable_name(task.func)} returned a generator object,"
+            f" so its body never ran; a generator runs only when iterated: queue a"
+            f" plain 'def' or 'async def' function that iterates it"
+        )

@@ -214,6 +214,53 @@ async def test_a_def_that_returns_an_awaitable_has_it_awaited() -> None:
     assert isinstance(failing.error, ValueError)
 
 
+def logged(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator whose wrapper is a plain function, as most are."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@logged
+async def streamed(address: str) -> AsyncIterator[str]:
+    yield address
+
+
+@logged
+def batched(address: str) -> Iterator[str]:
+    yield address
+
+
+@pytest.mark.anyio
+async def test_a_task_that_returns_a_generator_fails_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # add_task sees a plain function, but the body behind it never runs.
+    sent: list[str] = []
+
+    async def send(address: str) -> None:
+        sent.append(address)
+
+    tasks = TrackedBackgroundTasks()
+    decorated = tasks.add_task(streamed, "a@example.com")
+    by_lambda = tasks.add_task(lambda: batched("b@example.com"))
+    after = tasks.add_task(send, "c@example.com")
+    await tasks.run()
+
+    for handle, name in ((decorated, "streamed"), (by_lambda, "<lambda>")):
+        assert handle.status == "failed"
+        assert isinstance(handle.error, TypeError)
+        assert f"{name} returned a generator object, so its body never ran" in str(handle.error)
+    assert after.status == "done"
+    assert sent == ["c@example.com"]
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 2
+    assert "a@example.com" not in caplog.text
+
+
 @pytest.mark.anyio
 async def test_a_def_task_may_run_its_own_event_loop() -> None:
     results: list[tuple[str, int]] = []
