@@ -82,6 +82,7 @@ class Reporter:
         "_on_handed_off",
         "_on_queued",
         "_on_started",
+        "_one_ended",
         "observers",
         "on_queued",
         "sender",
@@ -98,6 +99,9 @@ class Reporter:
         self.on_queued: Callable[[TaskHandle, Cancellable], None] | None = None
         """What `add_task` calls with ``(handle, run)``: `queued`, or the one
         observer hook it would call; `None` when no observer listens."""
+        # The one `task_ended` hook, called without a loop (a tracker's
+        # ledger alone), or `None`: every task ends, so this is per task.
+        self._one_ended: Callable[[TaskHandle], None] | None = None
         if not observers:  # a collection without a tracker: built per request
             self._on_queued = self._on_started = self._on_ended = self._on_handed_off = ()
             return
@@ -107,6 +111,8 @@ class Reporter:
         self._on_started = tuple([o.task_started for o in observers if o.task_started])
         self._on_ended = tuple([o.task_ended for o in observers if o.task_ended])
         self._on_handed_off = tuple([o.task_handed_off for o in observers if o.task_handed_off])
+        if len(self._on_ended) == 1:
+            self._one_ended = self._on_ended[0]
         if len(self._on_queued) == 1:  # the tracker's ledger, alone: no call in between
             self.on_queued = self._on_queued[0]
         elif self._on_queued:
@@ -136,8 +142,11 @@ class Reporter:
         handle._finished_mono = _now()
         if handle._finished_event is not None:
             handle._finished_event.set()
-        for hook in self._on_ended:
-            hook(handle)
+        if (ended := self._one_ended) is not None:
+            ended(handle)
+        else:
+            for hook in self._on_ended:
+                hook(handle)
         if not task_completed.receivers:
             return None
         return send(

@@ -20,7 +20,7 @@ from ._handle import PENDING, RUNNING, TaskHandle, callable_name, handed_off
 from ._lifecycle import UNBOUND, Reporter
 from ._limiter import current_thread_limiter
 from ._tracing import current_observer
-from ._tracker import Cutoff, binding_of
+from ._tracker import ON_TRIO, Cutoff, binding_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -334,14 +334,16 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         host = None
         cutoff = self._cutoff
         if cutoff is not None:
-            if isinstance(cutoff, str):  # ON_TRIO
+            if cutoff is ON_TRIO:  # by identity: cheaper than isinstance()
                 if self._host is None:
                     await _run_in_trio_scope(self)  # which runs this again, scoped
                     return
             else:
-                # The tracker's loop, passed: `current_task()` without it costs
-                # twice as much before Python 3.12 (and requests run on it).
-                self._host = host = current_task(cutoff) or current_task()
+                # The tracker's loop (mypy does not narrow a `str` by identity),
+                # passed: `current_task()` without it costs twice as much
+                # before Python 3.12 (and requests run on it).
+                loop: asyncio.AbstractEventLoop = cutoff  # type: ignore[assignment]
+                self._host = host = current_task(loop) or current_task()
         report = self._report
         tasks = self.tasks
         runners = self._runners
