@@ -10,8 +10,10 @@ dependency besides, ``POST /bgplus`` queues it through
 `fastapi_bgplus.BackgroundTasks`. Each validates a small JSON order with
 Pydantic and answers a JSON receipt. ``POST /untracked`` is the bgplus one with
 its collection not bound to the tracker, as in an app without the lifespan
-hook. With ``BGPLUS_BENCH_ONLY=<variant>`` the app has only that variant's
-route, first (see `VARIANTS`).
+hook. ``POST /least`` queues it in `_least.LeastTracked`, the least a tracked
+collection does per task: a floor of ``/bgplus``. With
+``BGPLUS_BENCH_ONLY=<variant>`` the app has only that variant's route, first
+(see `VARIANTS`).
 
 Starvation: ``POST /block/fastapi`` and ``POST /block/bgplus`` queue one blocking
 sync task (``time.sleep``) each; ``GET /ping`` is a plain ``def`` endpoint, run
@@ -31,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import fastapi
+from _least import LeastTracked, least_provider
 from _models import Order
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
@@ -49,7 +52,7 @@ tracker = fastapi_bgplus.TaskTracker(
 app = FastAPI(lifespan=tracker.lifespan)
 
 _order_ids = itertools.count(1)
-_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "untracked": 0, "blocking": 0}
+_ran: dict[str, int] = {"fastapi": 0, "bgplus": 0, "untracked": 0, "least": 0, "blocking": 0}
 _unfinished = 0  # blocking tasks queued and not yet finished
 _lock = threading.Lock()
 
@@ -127,6 +130,20 @@ async def with_untracked(order: Order, tasks: Untracked) -> Receipt:
     return result
 
 
+FromLeastProvider = Annotated[LeastTracked, Depends(least_provider)]
+
+
+async def with_least(order: Order, tasks: FromLeastProvider) -> Receipt:
+    """`/bgplus` with the least tracked collection (`_least.py`): a floor."""
+    result = receipt(order)
+    tasks.add_task(after_least, result.order_id)
+    return result
+
+
+async def after_least(order_id: int) -> None:
+    _ran["least"] += 1
+
+
 # The variants of the endpoint, each at ``/{variant}``. `per_request.py` serves
 # each on a server of its own (``BGPLUS_BENCH_ONLY``) where it is the first
 # route: Starlette tries routes in order, and each failed match costs about
@@ -137,6 +154,7 @@ VARIANTS = {
     "floor": with_floor,
     "bgplus": with_bgplus,
     "untracked": with_untracked,
+    "least": with_least,
 }
 _only = os.environ.get("BGPLUS_BENCH_ONLY")
 for _name, _endpoint in VARIANTS.items():
@@ -261,6 +279,7 @@ MECHANISMS: dict[str, tuple[Any, Any]] = {
         FromStarletteProviderDeferred,
         None,
     ),
+    "the least tracked collection, the same mechanism (a floor)": (FromLeastProvider, None),
     "fastapi_bgplus.BackgroundTasks": (fastapi_bgplus.BackgroundTasks, None),
     "fastapi_bgplus.BackgroundTasks, tracker off": (Untracked, None),
 }

@@ -71,7 +71,7 @@ from _common import (
 
 from fastapi_bgplus import TaskTracker
 
-VARIANTS = ("plain", "fastapi", "floor", "bgplus", "untracked", "sqlite")
+VARIANTS = ("plain", "fastapi", "floor", "least", "bgplus", "untracked", "sqlite")
 
 ORDER = {
     "customer_email": "ada@example.com",

@@ -11,10 +11,12 @@ task (ns), and the ratio is bgplus / Starlette. Targets (contract,
 Scenarios: async no-op tasks, 1 and 10 per collection (no receivers); the same
 with one sync and one async receiver connected to every signal; sync no-op tasks
 (one thread hop each); async tasks with a `TaskTracker` bound, as the FastAPI
-provider binds it, and two floors of that row: Starlette's collection plus the
-least a drain needs to cut a run off (the host task recorded on asyncio, a
-cancel scope on trio), and that plus the least a tracker keeps per task (an
-id, an index by id while it runs, a bounded history: `Booked`); async tasks
+provider binds it, and three floors of that row: Starlette's collection plus
+the least a drain needs to cut a run off (the host task recorded on asyncio, a
+cancel scope on trio), that plus the least a tracker keeps per task (an id, an
+index by id while it runs, a bounded history: `Booked`), and the least tracked
+collection (`_least.LeastTracked`: those books and a record with status and
+timings, without Starlette's per-task check); async tasks
 with options (`@task(timeout=...)`, and `@task(attempts=3, retry_on=...)` that
 never needs a retry), where Starlette and FastAPI run the plain function;
 async tasks in a collection built as the FastAPI provider builds it
@@ -46,6 +48,7 @@ from typing import Any, ClassVar
 import anyio
 import fastapi
 from _common import median, print_header, rotated, table
+from _least import LeastTracked, on_asyncio
 from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
@@ -276,6 +279,12 @@ async def main(rounds: int, target_s: float, only: str, backend: str) -> None:
             1,
             {**base, "bgplus": Booked},
         ),
+        Scenario(
+            "(floor: the least tracked collection, _least.py, in the bgplus column)",
+            noop,
+            1,
+            {**base, "bgplus": LeastTracked},
+        ),
         Scenario("async no-op, @task(timeout=60.0)", noop, 1, base, bgplus_func=noop_timeout),
         Scenario(
             "async no-op, @task(attempts=3, retry_on=...)", noop, 1, base, bgplus_func=noop_retried
@@ -294,6 +303,7 @@ async def main(rounds: int, target_s: float, only: str, backend: str) -> None:
     rows = []
     if backend == "asyncio":
         DrainHook.loop = asyncio.get_running_loop()
+        on_asyncio(DrainHook.loop)
     async with tracker.lifespan(None) as lifespan_state:
         state.update(lifespan_state)
         for scenario in scenarios:
