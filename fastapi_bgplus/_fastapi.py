@@ -12,7 +12,6 @@ import fastapi.params
 from fastapi import Depends
 from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
-from starlette.types import Scope
 
 from ._tasks import TrackedBackgroundTasks
 
@@ -46,7 +45,18 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         tasks = TrackedBackgroundTasks.for_request(connection)
         scope = connection.scope
         request_stack: AsyncExitStack = scope["fastapi_inner_astack"]
-        if _may_enter_yield_dependencies(scope):
+        # Whether this request may enter a `yield` dependency (its route's, or
+        # one from ``app.dependency_overrides``): yes, unless sure it cannot.
+        # Inline, as every request asks: a call costs more than the lookup.
+        route = scope["route"]  # FastAPI's, which its routes set as they match
+        known = _yield_routes.get(id(route))
+        if known is None or known[0]() is not route:
+            known = _remember(route)
+        # Overrides can come and go (tests set them): read at every request,
+        # as FastAPI does when it solves the dependencies.
+        if known[1] or (
+            (overrides := route.dependency_overrides_provider) and overrides.dependency_overrides
+        ):
             # A `yield` dependency entered after this one would put its exit
             # above the collection's on the request's stack. So the collection
             # goes there only once the endpoint has returned (and every
@@ -67,24 +77,12 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
     # the entry with it, so that an app that goes leaves nothing here.
     _yield_routes: dict[int, tuple[weakref.ref[Any], bool]] = {}
 
-    def _may_enter_yield_dependencies(scope: Scope) -> bool:
-        """Whether this request may enter a `yield` dependency (its route's, or
-        one from ``app.dependency_overrides``): `True` unless sure it cannot."""
-        route = scope["route"]  # FastAPI's, which its routes set as they match
+    def _remember(route: Any) -> tuple[weakref.ref[Any], bool]:
+        """Walk `route`'s dependency tree once, and keep the answer."""
         key = id(route)
-        known = _yield_routes.get(key)
-        if known is None or known[0]() is not route:
-            known = (
-                weakref.ref(route, lambda _: _yield_routes.pop(key, None)),
-                _route_may_yield(route),
-            )
-            _yield_routes[key] = known
-        if known[1]:
-            return True
-        # Overrides can come and go (tests set them): read at every request,
-        # as FastAPI does when it solves the dependencies.
-        overrides = route.dependency_overrides_provider
-        return bool(overrides and overrides.dependency_overrides)
+        ref = weakref.ref(route, lambda _: _yield_routes.pop(key, None))
+        known = _yield_routes[key] = (ref, _route_may_yield(route))
+        return known
 
     def _route_may_yield(route: Any) -> bool:
         dependant = getattr(route, "dependant", None)

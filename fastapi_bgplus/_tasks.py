@@ -161,6 +161,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             tasks._report = binding.reporter
             tasks._cutoff = binding.cutoff
             tasks._spawn = binding.spawn
+            if not binding.traced:  # no tracer provider: no span of ours would record
+                return tasks
         if (tracing := current_observer()) is not None:  # a span records: trace each task
             report = tasks._report
             tasks._report = Reporter(report.sender, (*report.observers, tracing))

@@ -40,6 +40,7 @@ __all__ = [
     "current_observer",
     "extract_context",
     "inject_context",
+    "provider_set",
     "span_observer",
 ]
 
@@ -87,6 +88,16 @@ def current_observer() -> SpanObserver | None:
         _quiet = context
         return None
     return span_observer()
+
+
+def provider_set() -> bool:
+    """Whether a span of ours could record: a global tracer provider is set
+    (ours come from it, as OpenTelemetry's instrumentations' spans do, and
+    FastAPI's). Once set, one stays set. Never imports OpenTelemetry."""
+    loaded = sys.modules.get("opentelemetry.trace")
+    if loaded is None:  # pragma: no cover  (tested in a subprocess)
+        return False
+    return not isinstance(loaded.get_tracer_provider(), loaded.ProxyTracerProvider)
 
 
 def span_observer() -> SpanObserver:

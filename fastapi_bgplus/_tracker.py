@@ -21,6 +21,7 @@ from ._handle import TaskHandle, TaskStatus, finished_mono
 from ._lifecycle import Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
 from ._store import STORE_METHODS, UNFINISHED, StoreWriter
+from ._tracing import provider_set
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -53,19 +54,25 @@ run goes in a cancel scope)."""
 
 class Binding:
     """What a request's collection takes from its app's tracker: the reporter
-    of the app's tasks, how its run can be cut off, and the detached runner."""
+    of the app's tasks, how its run can be cut off, the detached runner, and
+    whether its tasks may be traced."""
 
-    __slots__ = ("cutoff", "reporter", "spawn")
+    __slots__ = ("cutoff", "reporter", "spawn", "traced")
 
     def __init__(
         self,
         reporter: Reporter,
         cutoff: Cutoff,
         spawn: Callable[[Callable[[], Any]], bool] | None,
+        traced: bool,
     ) -> None:
         self.reporter = reporter
         self.cutoff = cutoff
         self.spawn = spawn
+        self.traced = traced
+        """Whether a global tracer provider was set when the binding was made
+        (at the app's first request): without one, no span of ours records,
+        and each collection skips the check for a recording span."""
 
 
 def binding_of(scope: Scope) -> Binding | None:
@@ -86,6 +93,7 @@ def binding_of(scope: Scope) -> Binding | None:
             Reporter(app, tracker.observers),
             tracker._cutoff,
             tracker.spawn if tracker.detach else None,
+            provider_set(),
         )
     return binding
 
