@@ -82,8 +82,8 @@ class Reporter:
         "_on_handed_off",
         "_on_queued",
         "_on_started",
-        "_one_ended",
         "observers",
+        "on_ended",
         "on_queued",
         "sender",
     )
@@ -99,9 +99,9 @@ class Reporter:
         self.on_queued: Callable[[TaskHandle, Cancellable], None] | None = None
         """What `add_task` calls with ``(handle, run)``: `queued`, or the one
         observer hook it would call; `None` when no observer listens."""
-        # The one `task_ended` hook, called without a loop (a tracker's
-        # ledger alone), or `None`: every task ends, so this is per task.
-        self._one_ended: Callable[[TaskHandle], None] | None = None
+        self.on_ended: Callable[[TaskHandle], None] | None = None
+        """What `completed` calls with the handle: `ended`, or the one observer
+        hook it would call; `None` when no observer listens."""
         if not observers:  # a collection without a tracker: built per request
             self._on_queued = self._on_started = self._on_ended = self._on_handed_off = ()
             return
@@ -111,17 +111,25 @@ class Reporter:
         self._on_started = tuple([o.task_started for o in observers if o.task_started])
         self._on_ended = tuple([o.task_ended for o in observers if o.task_ended])
         self._on_handed_off = tuple([o.task_handed_off for o in observers if o.task_handed_off])
-        if len(self._on_ended) == 1:
-            self._one_ended = self._on_ended[0]
-        if len(self._on_queued) == 1:  # the tracker's ledger, alone: no call in between
+        # The tracker's ledger, alone: its hooks are called without a call in between.
+        if len(self._on_queued) == 1:
             self.on_queued = self._on_queued[0]
         elif self._on_queued:
             self.on_queued = self.queued
+        if len(self._on_ended) == 1:
+            self.on_ended = self._on_ended[0]
+        elif self._on_ended:
+            self.on_ended = self.ended
 
     def queued(self, handle: TaskHandle, run: Cancellable) -> None:
         """A task was queued on `run`, which can cut it off."""
         for hook in self._on_queued:
             hook(handle, run)
+
+    def ended(self, handle: TaskHandle) -> None:
+        """Tell every observer that the task reached its end state."""
+        for hook in self._on_ended:
+            hook(handle)
 
     def started(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
         """An attempt begins: running, ``attempts`` + 1, `task_started`."""
@@ -142,11 +150,8 @@ class Reporter:
         handle._finished_mono = _now()
         if handle._finished_event is not None:
             handle._finished_event.set()
-        if (ended := self._one_ended) is not None:
+        if (ended := self.on_ended) is not None:
             ended(handle)
-        else:
-            for hook in self._on_ended:
-                hook(handle)
         if not task_completed.receivers:
             return None
         return send(
@@ -164,8 +169,7 @@ class Reporter:
         _finish(handle, TaskStatus.FAILED, error)
         # Never the arguments: they carry addresses, tokens and other personal data.
         logger.error("Background task %s (%s) failed", handle.task_id, handle.name, exc_info=error)
-        for hook in self._on_ended:
-            hook(handle)
+        self.ended(handle)
         if task_failed.receivers:
             await send(
                 task_failed,
@@ -215,8 +219,7 @@ class Reporter:
     def _abandon(self, handle: TaskHandle, reason: str) -> None:
         _finish(handle, TaskStatus.CANCELLED)
         logger.warning("Background task %s (%s) abandoned: %s", handle.task_id, handle.name, reason)
-        for hook in self._on_ended:
-            hook(handle)
+        self.ended(handle)
 
     async def abandoned(self, handle: TaskHandle, func: Callable[..., Any], reason: str) -> None:
         """It will never run or finish: cancelled, with `reason` (a sentence)."""
