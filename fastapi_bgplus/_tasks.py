@@ -341,9 +341,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                     await _run_in_trio_scope(self)  # which runs this again, scoped
                     return
             else:
-                # The tracker's loop (mypy does not narrow a `str` by identity),
-                # passed: `current_task()` without it costs twice as much
-                # before Python 3.12 (and requests run on it).
+                # The tracker's loop (mypy cannot narrow by identity), passed
+                # to `current_task()`: without it, the call costs twice as much
+                # before Python 3.12 (and requests run on that loop).
                 loop: asyncio.AbstractEventLoop = cutoff  # type: ignore[assignment]
                 self._host = host = current_task(loop) or current_task()
         report = self._report
