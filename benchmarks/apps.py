@@ -9,8 +9,9 @@ queues nothing, ``POST /fastapi`` queues one no-op async task through
 dependency besides, ``POST /bgplus`` queues it through
 `fastapi_bgplus.BackgroundTasks`. Each validates a small JSON order with
 Pydantic and answers a JSON receipt. ``POST /untracked`` is the bgplus one with
-its collection not bound to the tracker, as in an app without the lifespan
-hook. ``POST /least`` queues it in `_least.LeastTracked`, the least a tracked
+its collection not bound to the tracker: what tracking costs (the shipped
+provider in an app without the lifespan hook costs more, see
+`untracked_provider`). ``POST /least`` queues it in `_least.LeastTracked`, the least a tracked
 collection does per task: a floor of ``/bgplus``. With
 ``BGPLUS_BENCH_ONLY=<variant>`` the app has only that variant's route, first
 (see `VARIANTS`).
@@ -112,10 +113,12 @@ async def after_untracked(order_id: int) -> None:
 
 
 async def untracked_provider(connection: HTTPConnection) -> TrackedBackgroundTasks:
-    """The shipped provider's mechanism with a collection bound to no tracker,
-    as in an app without the `TaskTracker` lifespan: what tracking costs. (On a
-    route with no `yield` dependency, as here, the shipped provider puts the
-    collection on the request's exit stack at once.)"""
+    """The shipped provider's mechanism with a collection bound to no tracker:
+    what tracking costs. (On a route with no `yield` dependency, as here, the
+    shipped provider puts the collection on the request's exit stack at once.)
+    In an app without the `TaskTracker` lifespan, the shipped provider also
+    builds a reporter for the app and checks for a recording span at every
+    request: about 1.7 us more in process than this (fifth pass)."""
     tasks = TrackedBackgroundTasks()
     connection.scope["fastapi_inner_astack"].push_async_exit(tasks)
     return tasks
