@@ -359,6 +359,52 @@ class _Run:
         raise AssertionError("no drain in this test")
 
 
+class _QueuedOnly:
+    """An observer that hears only that tasks are queued (as a store writer
+    could, if it wrote nothing else)."""
+
+    def __init__(self, heard: list[str]) -> None:
+        self.heard = heard
+
+    def task_queued(self, handle: TaskHandle, run: Any) -> None:
+        self.heard.append(f"queued {handle.name}")
+
+    task_started = task_ended = task_handed_off = None
+
+
+class _EndedOnly:
+    def __init__(self, heard: list[str]) -> None:
+        self.heard = heard
+
+    task_queued = task_started = task_handed_off = None
+
+    def task_ended(self, handle: TaskHandle) -> None:
+        self.heard.append(f"ended {handle.name} {handle.status}")
+
+
+@pytest.mark.parametrize(
+    ("kinds", "expected"),
+    [
+        ((_QueuedOnly,), ["queued t"]),
+        ((_EndedOnly,), ["ended t done"]),
+        ((_QueuedOnly, _EndedOnly), ["queued t", "ended t done"]),
+        ((_EndedOnly, _EndedOnly), ["ended t done", "ended t done"]),
+    ],
+)
+def test_an_observer_hears_only_the_transitions_it_listens_to(
+    kinds: tuple[type[Any], ...], expected: list[str], no_receivers: None
+) -> None:
+    heard: list[str] = []
+    report = Reporter(None, [kind(heard) for kind in kinds])
+    handle = TaskHandle("t")
+    if report.on_queued is not None:  # as `add_task` calls it
+        report.on_queued(handle, _Run())
+    assert report.started(handle, noop) is None
+    assert report.completed(handle, noop) is None
+    assert heard == expected
+    assert handle.status == "done"
+
+
 @settings(
     deadline=None,
     max_examples=200,
