@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from blinker import Signal
 
@@ -112,14 +112,8 @@ class Reporter:
         self._on_ended = tuple([o.task_ended for o in observers if o.task_ended])
         self._on_handed_off = tuple([o.task_handed_off for o in observers if o.task_handed_off])
         # The tracker's ledger, alone: its hooks are called without a call in between.
-        if len(self._on_queued) == 1:
-            self.on_queued = self._on_queued[0]
-        elif self._on_queued:
-            self.on_queued = self.queued
-        if len(self._on_ended) == 1:
-            self.on_ended = self._on_ended[0]
-        elif self._on_ended:
-            self.on_ended = self.ended
+        self.on_queued = _caller(self._on_queued, self.queued)
+        self.on_ended = _caller(self._on_ended, self.ended)
 
     def queued(self, handle: TaskHandle, run: Cancellable) -> None:
         """A task was queued on `run`, which can cut it off."""
@@ -275,6 +269,17 @@ class Reporter:
                 func=func,
                 reason=reason,
             )
+
+
+Hook = TypeVar("Hook", bound=Callable[..., None])
+
+
+def _caller(hooks: tuple[Hook, ...], fan_out: Hook) -> Hook | None:
+    """What to call for a transition: the one hook, `fan_out` (which calls
+    them all) for several, or `None` for none."""
+    if len(hooks) == 1:
+        return hooks[0]
+    return fan_out if hooks else None
 
 
 def _finish(handle: TaskHandle, status: TaskStatus, error: BaseException | None = None) -> None:
