@@ -271,10 +271,10 @@ class Reporter:
             )
 
 
-Hook = TypeVar("Hook", bound=Callable[..., None])
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
 
 
-def _caller(hooks: tuple[Hook, ...], fan_out: Hook) -> Hook | None:
+def _caller(hooks: tuple[_Hook, ...], fan_out: _Hook) -> _Hook | None:
     """What to call for a transition: the one hook, `fan_out` (which calls
     them all) for several, or `None` for none."""
     if len(hooks) == 1:
