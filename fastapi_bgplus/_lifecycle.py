@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -27,7 +28,7 @@ from ._handle import DONE, RUNNING, TaskHandle, TaskStatus
 from ._signals import send
 from .signals import task_abandoned, task_completed, task_failed, task_retrying, task_started
 
-__all__ = ["UNBOUND", "Cancellable", "Reporter", "TaskObserver"]
+__all__ = ["UNBOUND", "AppReporter", "Cancellable", "Reporter", "TaskObserver"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -293,6 +294,21 @@ def _finish(handle: TaskHandle, status: TaskStatus, error: BaseException | None 
 
 UNBOUND = Reporter(None)
 """The reporter of a collection that knows no application and no observer."""
+
+
+class AppReporter(Reporter):
+    """The reporter of an app that no tracker serves (no observers), kept per
+    app: it holds the app weakly, so that keeping it keeps nothing alive."""
+
+    __slots__ = ("_app",)
+
+    @property  # the app, held weakly
+    def sender(self) -> Any:
+        return self._app()
+
+    @sender.setter
+    def sender(self, app: Any) -> None:
+        self._app = weakref.ref(app)
 
 
 def _send_now(signal: Signal, sender: Any, **kwargs: Any) -> None:

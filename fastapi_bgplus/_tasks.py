@@ -155,15 +155,11 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         scope = connection if type(connection) is dict else connection.scope  # type: ignore[union-attr]
         tasks = cls()
         binding = binding_of(scope)
-        if binding is None:
-            tasks._report = Reporter(scope.get("app"))
-        else:
-            tasks._report = binding.reporter
-            tasks._cutoff = binding.cutoff
-            tasks._spawn = binding.spawn
-            if not binding.traced:  # no tracer provider: no span of ours would record
-                return tasks
-        if (tracing := current_observer()) is not None:  # a span records: trace each task
+        tasks._report = binding.reporter
+        tasks._cutoff = binding.cutoff
+        tasks._spawn = binding.spawn
+        # Without a global tracer provider, no span of ours would record.
+        if binding.traced and (tracing := current_observer()) is not None:  # a span records
             report = tasks._report
             tasks._report = Reporter(report.sender, (*report.observers, tracing))
         return tasks

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -18,7 +19,7 @@ from starlette.types import Scope
 
 from ._eventloop import current_library
 from ._handle import TaskHandle, TaskStatus, finished_mono
-from ._lifecycle import Cancellable, Reporter, TaskObserver
+from ._lifecycle import UNBOUND, AppReporter, Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
 from ._store import STORE_METHODS, UNFINISHED, StoreWriter
 from ._tracing import provider_set
@@ -53,16 +54,16 @@ run goes in a cancel scope)."""
 
 
 class Binding:
-    """What a request's collection takes from its app's tracker: the reporter
-    of the app's tasks, how its run can be cut off, the detached runner, and
-    whether its tasks may be traced."""
+    """What a request's collection takes from its app (and the app's tracker,
+    if one serves it): the reporter of the app's tasks, how its run can be cut
+    off, the detached runner, and whether its tasks may be traced."""
 
     __slots__ = ("cutoff", "reporter", "spawn", "traced")
 
     def __init__(
         self,
         reporter: Reporter,
-        cutoff: Cutoff,
+        cutoff: Cutoff | None,
         spawn: Callable[[Callable[[], Any]], bool] | None,
         traced: bool,
     ) -> None:
@@ -75,17 +76,17 @@ class Binding:
         and each collection skips the check for a recording span."""
 
 
-def binding_of(scope: Scope) -> Binding | None:
-    """The `Binding` of this request's collection, or `None` without a tracker.
+def binding_of(scope: Scope) -> Binding:
+    """The `Binding` of this request's collection.
 
     Built once per app (the one the request belongs to: a mounted sub-app has
-    its own) and tracker start, and shared by its requests: this is on every
-    request's path."""
+    its own) and tracker start, or once per app that no tracker serves, and
+    shared by its requests: this is on every request's path."""
     state = scope.get("state")
     tracker: TaskTracker | None = state.get(_STATE_KEY) if state else None
-    if tracker is None:
-        return None
     app = scope.get("app")
+    if tracker is None:
+        return _untracked_binding(app)
     # By id: the binding's reporter holds the app, so the id stays its own.
     binding = tracker._bindings.get(id(app))
     if binding is None:
@@ -95,6 +96,34 @@ def binding_of(scope: Scope) -> Binding | None:
             tracker.spawn if tracker.detach else None,
             provider_set(),
         )
+    return binding
+
+
+_NO_APP = Binding(UNBOUND, None, None, traced=True)
+"""The binding of a collection whose request names no app: no sender, no
+observers, and the check for a recording span at every collection."""
+
+# Per app that no tracker serves: its binding, under a weak reference to the
+# app (which its reporter holds weakly too), so that an app that goes leaves
+# nothing here. Keyed by id: apps need not be hashable.
+_untracked: dict[int, tuple[weakref.ref[Any], Binding]] = {}
+
+
+def _untracked_binding(app: Any) -> Binding:
+    known = _untracked.get(id(app))
+    if known is not None and known[0]() is app:
+        return known[1]
+    if app is None:
+        return _NO_APP
+    key = id(app)
+    try:
+        ref = weakref.ref(app, lambda _: _untracked.pop(key, None))
+    except TypeError:  # an app that cannot be weakly referenced: one per request
+        return Binding(Reporter(app), None, None, traced=True)
+    # Tracing is checked at every collection: with no start to read it again
+    # at, a provider set after the first request would never be seen.
+    binding = Binding(AppReporter(app), None, None, traced=True)
+    _untracked[key] = (ref, binding)
     return binding
 
 

@@ -670,3 +670,30 @@ async def test_a_collection_repr_counts_its_tasks() -> None:
     tasks = BackgroundTasks()
     tasks.add_task(write_audit, SECRET)
     assert repr(tasks) == "<TrackedBackgroundTasks 1 task(s)>"
+
+
+class SlottedApp:
+    """An ASGI app object that cannot be weakly referenced."""
+
+    __slots__ = ()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never served here")  # pragma: no cover
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make_app", [Starlette, SlottedApp], ids=["an app", "a slotted app"])
+async def test_without_a_tracker_each_request_collection_sends_as_its_app(
+    make_app: Callable[[], Any], sent: list[Sent]
+) -> None:
+    # What an app without the tracker's lifespan gets at every request; the
+    # reporter kept per app holds it weakly (test_fastapi: it can be collected).
+    app, other = make_app(), make_app()
+    handles = []
+    for owner in (app, app, other):
+        tasks = TrackedBackgroundTasks.for_request({"type": "http", "app": owner})
+        assert tasks.app is owner
+        handles.append(tasks.add_task(write_audit, "entry"))
+        await tasks.run()
+    completed = [(e.sender, e.kwargs["handle"]) for e in sent if e.signal == "task_completed"]
+    assert completed == [(app, handles[0]), (app, handles[1]), (other, handles[2])]
