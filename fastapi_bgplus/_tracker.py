@@ -71,9 +71,10 @@ class Binding:
         self.cutoff = cutoff
         self.spawn = spawn
         self.traced = traced
-        """Whether a global tracer provider was set when the binding was made
-        (at the app's first request): without one, no span of ours records,
-        and each collection skips the check for a recording span."""
+        """Whether each collection checks for a recording span. With a tracker:
+        whether a global tracer provider was set at the app's first request
+        after startup (without one, no span of ours records). Without one:
+        always, as there is no startup to read it again at."""
 
 
 def binding_of(scope: Scope) -> Binding:
@@ -110,18 +111,16 @@ _untracked: dict[int, tuple[weakref.ref[Any], Binding]] = {}
 
 
 def _untracked_binding(app: Any) -> Binding:
-    known = _untracked.get(id(app))
-    if known is not None and known[0]() is app:
-        return known[1]
     if app is None:
         return _NO_APP
     key = id(app)
+    known = _untracked.get(key)
+    if known is not None and known[0]() is app:
+        return known[1]
     try:
         ref = weakref.ref(app, lambda _: _untracked.pop(key, None))
     except TypeError:  # an app that cannot be weakly referenced: one per request
         return Binding(Reporter(app), None, None, traced=True)
-    # Tracing is checked at every collection: with no start to read it again
-    # at, a provider set after the first request would never be seen.
     binding = Binding(AppReporter(app), None, None, traced=True)
     _untracked[key] = (ref, binding)
     return binding
