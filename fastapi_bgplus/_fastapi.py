@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Annotated, Any
@@ -13,6 +12,7 @@ from fastapi import Depends
 from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
 
+from ._identity import Memo, remember
 from ._tasks import TrackedBackgroundTasks
 
 __all__ = ["BackgroundTasks", "get_background_tasks"]
@@ -51,7 +51,7 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
         route = scope["route"]  # FastAPI's, which its routes set as they match
         known = _yield_routes.get(id(route))
         if known is None or known[0]() is not route:
-            known = _remember(route)
+            known = remember(_yield_routes, route, _route_may_yield(route))
         # Overrides can come and go (tests set them): read at every request,
         # as FastAPI does when it solves the dependencies.
         if known[1] or (
@@ -71,18 +71,10 @@ if TYPE_CHECKING or _HAS_EXIT_STACKS:
             request_stack.push_async_exit(tasks)
         return tasks
 
-    # Per route: whether it has a `yield` dependency, found once by walking its
-    # dependency tree. Keyed by id (FastAPI's routes are not hashable), with a
-    # weak reference: it tells that the route is still the same one, and drops
-    # the entry with it, so that an app that goes leaves nothing here.
-    _yield_routes: dict[int, tuple[weakref.ref[Any], bool]] = {}
-
-    def _remember(route: Any) -> tuple[weakref.ref[Any], bool]:
-        """Walk `route`'s dependency tree once, and keep the answer."""
-        key = id(route)
-        ref = weakref.ref(route, lambda _: _yield_routes.pop(key, None))
-        known = _yield_routes[key] = (ref, _route_may_yield(route))
-        return known
+    # Per route (FastAPI's routes are not hashable): whether it has a `yield`
+    # dependency, found once by walking its dependency tree. An app that goes
+    # leaves nothing here.
+    _yield_routes: Memo[bool] = {}
 
     def _route_may_yield(route: Any) -> bool:
         dependant = getattr(route, "dependant", None)

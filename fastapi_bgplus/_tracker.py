@@ -7,7 +7,6 @@ import logging
 import math
 import re
 import time
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -19,6 +18,7 @@ from starlette.types import Scope
 
 from ._eventloop import current_library
 from ._handle import TaskHandle, TaskStatus, finished_mono
+from ._identity import Memo, remember
 from ._lifecycle import UNBOUND, AppReporter, Cancellable, Reporter, TaskObserver
 from ._limiter import current_thread_limiter
 from ._store import STORE_METHODS, UNFINISHED, StoreWriter
@@ -104,26 +104,21 @@ _NO_APP = Binding(UNBOUND, None, None, traced=True)
 """The binding of a collection whose request names no app: no sender, no
 observers, and the check for a recording span at every collection."""
 
-# Per app that no tracker serves: its binding, under a weak reference to the
-# app (which its reporter holds weakly too), so that an app that goes leaves
-# nothing here. Keyed by id: apps need not be hashable.
-_untracked: dict[int, tuple[weakref.ref[Any], Binding]] = {}
+# Per app that no tracker serves (apps need not be hashable): its binding,
+# whose reporter holds the app weakly, so that an app that goes leaves nothing.
+_untracked: Memo[Binding] = {}
 
 
 def _untracked_binding(app: Any) -> Binding:
     if app is None:
         return _NO_APP
-    key = id(app)
-    known = _untracked.get(key)
+    known = _untracked.get(id(app))
     if known is not None and known[0]() is app:
         return known[1]
     try:
-        ref = weakref.ref(app, lambda _: _untracked.pop(key, None))
+        return remember(_untracked, app, Binding(AppReporter(app), None, None, traced=True))[1]
     except TypeError:  # an app that cannot be weakly referenced: one per request
         return Binding(Reporter(app), None, None, traced=True)
-    binding = Binding(AppReporter(app), None, None, traced=True)
-    _untracked[key] = (ref, binding)
-    return binding
 
 
 class _Ledger:
