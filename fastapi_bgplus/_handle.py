@@ -101,22 +101,26 @@ class TaskHandle:
         "_finished_event",
         "_finished_mono",
         "_handed_off",  # set only once sent away: never read on the hot path
+        "_module",
+        "_name",
         "_started_mono",
         "attempts",
         "error",
-        "name",
         "status",
         "task_id",
     )
 
     _handed_off: bool  # unset until `Reporter.handed_off`: nothing to pay per task
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, module: str | None = None) -> None:
         try:
             self.task_id: str = _ids.pop()  # `_new_task_id()`, without a call
         except IndexError:
             self.task_id = _new_task_id()
-        self.name: str = name
+        # With `module`, `name` is a qualname, joined to it when `name` is read:
+        # a string built per task costs ~60 ns, and most names are never read.
+        self._name = name
+        self._module = module
         self.status: TaskStatus = PENDING
         self.error: BaseException | None = None
         self.attempts: int = 0
@@ -130,6 +134,19 @@ class TaskHandle:
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id[:6]}… {self.status.value} {self.name}>"
+
+    @property
+    def name(self) -> str:
+        """``module.qualname`` of the task's callable (behind `functools.partial`),
+        or the name its queue gives it (taskiq)."""
+        module = self._module
+        # Joined at every read, never stored: a handle may be read from threads.
+        return f"{module}.{self._name}" if module else self._name
+
+    @name.setter
+    def name(self, name: str) -> None:
+        self._name = name
+        self._module = None
 
     def _wall(self, mono: float | None) -> datetime | None:
         if mono is None:

@@ -83,6 +83,7 @@ class Reporter:
         "_on_handed_off",
         "_on_queued",
         "_on_started",
+        "_started",
         "observers",
         "on_ended",
         "on_queued",
@@ -103,6 +104,7 @@ class Reporter:
         self.on_ended: Callable[[TaskHandle], None] | None = None
         """What `completed` calls with the handle: `ended`, or the one observer
         hook it would call; `None` when no observer listens."""
+        self._started: Callable[[TaskHandle], None] | None = None  # as `on_ended`
         if not observers:  # a collection without a tracker: built per request
             self._on_queued = self._on_started = self._on_ended = self._on_handed_off = ()
             return
@@ -115,6 +117,7 @@ class Reporter:
         # The tracker's ledger, alone: its hooks are called without a call in between.
         self.on_queued = _caller(self._on_queued, self.queued)
         self.on_ended = _caller(self._on_ended, self.ended)
+        self._started = _caller(self._on_started, self._started_all)
 
     def queued(self, handle: TaskHandle, run: Cancellable) -> None:
         """A task was queued on `run`, which can cut it off."""
@@ -126,13 +129,17 @@ class Reporter:
         for hook in self._on_ended:
             hook(handle)
 
+    def _started_all(self, handle: TaskHandle) -> None:
+        for hook in self._on_started:
+            hook(handle)
+
     def started(self, handle: TaskHandle, func: Callable[..., Any]) -> Awaitable[None] | None:
         """An attempt begins: running, ``attempts`` + 1, `task_started`."""
         handle.status = RUNNING
         handle.attempts += 1
         if handle._started_mono is None:  # the first attempt's start
             handle._started_mono = _now()
-        for hook in self._on_started:
+        if (hook := self._started) is not None:
             hook(handle)
         if not task_started.receivers:
             return None

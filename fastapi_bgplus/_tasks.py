@@ -199,10 +199,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 task.args = loose_args
                 task.kwargs = loose_kwargs
                 task.is_async = flags & _COROUTINE != 0
-                module = func.__module__
-                handle = TaskHandle(
-                    f"{module}.{func.__qualname__}" if module else callable_name(func)
-                )
+                handle = TaskHandle(func.__qualname__, func.__module__)  # `callable_name(func)`
                 self.tasks.append(task)
                 self.handles.append(handle)
                 if (queued := self._report.on_queued) is not None:

@@ -84,25 +84,20 @@ def binding_of(scope: Scope) -> Binding:
     its own) and tracker start, or once per app that no tracker serves, and
     shared by its requests: this is on every request's path."""
     state = scope.get("state")
-    tracker: TaskTracker | None = state.get(_STATE_KEY) if state else None
-    app = scope.get("app")
-    if tracker is None:
-        return _untracked_binding(app)
-    # By id: the binding's reporter holds the app, so the id stays its own.
-    binding = tracker._bindings.get(id(app))
-    if binding is None:
-        binding = tracker._bindings[id(app)] = Binding(
-            Reporter(app, tracker.observers),
-            tracker._cutoff,
-            tracker.spawn if tracker.detach else None,
-            provider_set(),
-        )
-    return binding
+    if state:
+        tracker: TaskTracker | None = state.get(_STATE_KEY)
+        if tracker is not None:
+            app = scope.get("app")
+            last_app, binding = tracker._last_binding  # one read: threads may bind too
+            return binding if last_app is app else tracker._bind(app)
+    return _untracked_binding(scope.get("app"))
 
 
 _NO_APP = Binding(UNBOUND, None, None, traced=True)
 """The binding of a collection whose request names no app: no sender, no
 observers, and the check for a recording span at every collection."""
+
+_NOT_BOUND: tuple[Any, Binding] = (object(), _NO_APP)  # a tracker's last binding, before any
 
 # Per app that no tracker serves (apps need not be hashable): its binding,
 # whose reporter holds the app weakly, so that an app that goes leaves nothing.
@@ -128,10 +123,9 @@ class _Ledger:
     def __init__(self, history_size: int, history_ttl: float | None) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        # The unfinished, by id: their handles, and the runs that can cut them
-        # off, in the order queued. Per task: two inserts, two removals.
-        self.handles: dict[str, TaskHandle] = {}
-        self.live: dict[str, Cancellable] = {}
+        # The unfinished, by id: each handle, and the run that can cut it off,
+        # in the order queued. Per task: one insert, one removal.
+        self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
         # The finished, oldest first; past `history_size` the oldest drop out.
         # Ending a task costs an append: they are indexed by id only when
         # someone asks (`get`), in the status route's time, not the request's.
@@ -144,17 +138,13 @@ class _Ledger:
         self.idle: anyio.Event | None = None
 
     def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
-        task_id = handle.task_id
-        self.handles[task_id] = handle
-        self.live[task_id] = run
+        self.live[handle.task_id] = (handle, run)
 
     task_started = None  # the ledger books only arrivals and ends
 
     def task_ended(self, handle: TaskHandle) -> None:
-        task_id = handle.task_id
         live = self.live
-        live.pop(task_id, None)
-        self.handles.pop(task_id, None)
+        live.pop(handle.task_id, None)
         status = handle.status  # by identity: hashing an enum member is slow
         if status is not DONE:  # the done are counted by difference (`done`)
             if status is FAILED:
@@ -179,14 +169,13 @@ class _Ledger:
         # Its record is the store's now (the worker writes it): neither in
         # flight here, nor in the history, where it would stay pending.
         self.live.pop(handle.task_id, None)
-        self.handles.pop(handle.task_id, None)
         if self.idle is not None and not self.live:
             self.idle.set()
 
     def get(self, task_id: str) -> TaskHandle | None:
-        handle = self.handles.get(task_id)
-        if handle is not None:
-            return handle
+        live = self.live.get(task_id)
+        if live is not None:
+            return live[0]
         self.expire(time.perf_counter())
         finished = self.finished
         if self._numbered != self.ended:
@@ -213,7 +202,7 @@ class _Ledger:
 
     @property
     def in_flight(self) -> list[TaskHandle]:
-        return list(self.handles.values())
+        return [handle for handle, _ in self.live.values()]
 
     def expire(self, now: float) -> None:
         """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
@@ -321,6 +310,8 @@ class TaskTracker:
         self._serving = False
         self._cutoff: Cutoff = ON_TRIO  # set at startup
         self._bindings: dict[int, Binding] = {}  # by the id of the app
+        # The app that asked last, and its binding: most servers serve one app.
+        self._last_binding: tuple[Any, Binding] = _NOT_BOUND
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -453,7 +444,7 @@ class TaskTracker:
         ledger.failed = ledger.abandoned = 0
         ledger.ended_before = ledger.ended
         self._cutoff = ON_TRIO if current_library() == "trio" else asyncio.get_running_loop()
-        self._bindings = {}
+        self._unbind()
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         async with self._detached_runs():
@@ -504,7 +495,26 @@ class TaskTracker:
 
     def _set_observers(self, observers: tuple[TaskObserver, ...]) -> None:
         self._observers = observers
-        self._bindings = {}  # they hold the observers they were built with
+        self._unbind()  # the bindings hold the observers they were built with
+
+    def _bind(self, app: Any) -> Binding:
+        """The binding of `app`'s collections, built at its first request
+        since startup, and remembered as the last app's."""
+        # By id: the binding's reporter holds the app, so the id stays its own.
+        binding = self._bindings.get(id(app))
+        if binding is None:
+            binding = self._bindings[id(app)] = Binding(
+                Reporter(app, self.observers),
+                self._cutoff,
+                self.spawn if self.detach else None,
+                provider_set(),
+            )
+        self._last_binding = (app, binding)
+        return binding
+
+    def _unbind(self) -> None:
+        self._bindings = {}
+        self._last_binding = _NOT_BOUND
 
     # Detached mode
 
@@ -570,12 +580,12 @@ class TaskTracker:
 
     async def _cut_off(self, reason: str) -> None:
         live = self._ledger.live
-        for run in set(live.values()):
+        for run in {run: None for _, run in live.values()}:
             await run.cancel(reason)
         if live:
             # The cancelled runs report their own losses as they unwind.
             await self._wait_idle(_UNWIND_GRACE)
-        for run in set(live.values()):
+        for run in {run: None for _, run in live.values()}:
             # A task that swallowed its cancellation is still reported lost.
             await run.cancel(reason)
 
