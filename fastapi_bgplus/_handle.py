@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -58,6 +59,23 @@ def callable_name(func: Any) -> str:
     return f"{module}.{qualname}" if module else qualname
 
 
+_monotonic = time.perf_counter  # the handles' clock
+
+# The wall clock's time at the monotonic clock's zero: a handle's timestamps
+# are monotonic readings plus this, read again when over a second old, so
+# that a handle costs one clock reading, not two, and a step of the system
+# clock shows within a second. (Both clocks slew alike under NTP.)
+_EPOCH_MAX_AGE = 1.0
+_epoch = 0.0
+_epoch_due = -math.inf  # on the monotonic clock: when to read `_epoch` again
+
+
+def _read_epoch(now: float) -> None:
+    global _epoch, _epoch_due
+    _epoch = time.time() - _monotonic()
+    _epoch_due = now + _EPOCH_MAX_AGE
+
+
 _ID_BATCH = 64
 _ids: list[str] = []  # drawn ahead, in bulk: one system call per batch
 
@@ -97,7 +115,7 @@ class TaskHandle:
 
     __slots__ = (
         "_created_mono",
-        "_created_wall",
+        "_epoch",
         "_finished_event",
         "_finished_mono",
         "_handed_off",  # set only once sent away: never read on the hot path
@@ -124,10 +142,12 @@ class TaskHandle:
         self.status: TaskStatus = PENDING
         self.error: BaseException | None = None
         self.attempts: int = 0
-        # One wall-clock reading; later timestamps are derived from the
-        # monotonic clock, which is cheaper and cannot jump.
-        self._created_wall = time.time()
-        self._created_mono = time.perf_counter()
+        # Timestamps are monotonic readings, made wall-clock time by the
+        # clocks' difference as of this handle's creation (see `_epoch`).
+        self._created_mono = mono = _monotonic()
+        if mono > _epoch_due:
+            _read_epoch(mono)
+        self._epoch = _epoch
         self._started_mono: float | None = None
         self._finished_mono: float | None = None
         self._finished_event: anyio.Event | None = None
@@ -151,13 +171,12 @@ class TaskHandle:
     def _wall(self, mono: float | None) -> datetime | None:
         if mono is None:
             return None
-        seconds = self._created_wall + (mono - self._created_mono)
-        return datetime.fromtimestamp(seconds, timezone.utc)
+        return datetime.fromtimestamp(self._epoch + mono, timezone.utc)
 
     @property
     def created_at(self) -> datetime:
         """When `add_task()` was called (timezone-aware UTC)."""
-        return datetime.fromtimestamp(self._created_wall, timezone.utc)
+        return datetime.fromtimestamp(self._epoch + self._created_mono, timezone.utc)
 
     @property
     def started_at(self) -> datetime | None:
