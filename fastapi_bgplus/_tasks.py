@@ -364,7 +364,9 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                     if task.is_async:
                         # Without keywords, no dict is built for them (~35 ns).
                         kwargs = task.kwargs
-                        await (func(*task.args, **kwargs) if kwargs else func(*task.args))
+                        result = await (func(*task.args, **kwargs) if kwargs else func(*task.args))
+                        if result is not None:
+                            await settle(task, result)
                     else:
                         await run_sync(task)
                 except Exception as exc:
@@ -482,7 +484,9 @@ def _runner_for(func: Any) -> TaskRunner | None:
 async def call(task: BackgroundTask) -> None:
     """Call a task the plain way: awaited, or in a worker thread."""
     if task.is_async:
-        await task.func(*task.args, **task.kwargs)
+        result = await task.func(*task.args, **task.kwargs)
+        if result is not None:
+            await settle(task, result)
     else:
         await run_sync(task)
 
@@ -501,6 +505,19 @@ async def run_sync(task: BackgroundTask) -> None:
     )
     if inspect.isawaitable(result):
         # `add_task(lambda: send(x))`: the work is in the awaitable.
+        await result
+    else:
+        await settle(task, result)
+
+
+async def settle(task: BackgroundTask, result: Any) -> None:
+    """The work left in what a task's call returned: a coroutine object is
+    awaited, and a generator (whose body never ran) fails the task. Anything
+    else is a plain return value, or work already running on its own (an
+    `asyncio.Task`, a future): left alone."""
+    if inspect.iscoroutine(result):
+        # `return send(x)`, an `await` forgotten in an `async def` wrapper:
+        # the work it meant, which would otherwise never run.
         await result
     elif inspect.isgenerator(result) or inspect.isasyncgen(result):
         # A generator function behind a plain wrapper (a decorator, a

@@ -261,6 +261,48 @@ async def test_a_task_that_returns_a_generator_fails_loudly(
     assert "a@example.com" not in caplog.text
 
 
+def logged_async(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator whose wrapper is an `async def` that forgot to await."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.anyio
+async def test_an_async_task_that_returns_unstarted_work_runs_it_or_fails_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sent: list[str] = []
+
+    @logged_async
+    async def send(address: str) -> None:
+        sent.append(address)
+
+    async def answer(address: str) -> str:
+        sent.append(address)
+        return "a value, not work"
+
+    tasks = TrackedBackgroundTasks()
+    coroutine = tasks.add_task(send, "a@example.com")  # returns send's coroutine object
+    generator = tasks.add_task(logged_async(batched), "b@example.com")
+    async_generator = tasks.add_task(logged_async(agen), "c@example.com")
+    value = tasks.add_task(answer, "d@example.com")
+    await tasks.run()
+
+    assert sent == ["a@example.com", "d@example.com"]
+    assert [coroutine.status, value.status] == ["done", "done"]
+    for handle in (generator, async_generator):
+        assert handle.status == "failed"
+        assert isinstance(handle.error, TypeError)
+        assert "returned a generator object, so its body never ran" in str(handle.error)
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 2
+    assert "b@example.com" not in caplog.text
+
+
 @pytest.mark.anyio
 async def test_a_def_task_may_run_its_own_event_loop() -> None:
     results: list[tuple[str, int]] = []

@@ -330,6 +330,22 @@ async def test_two_apps_never_see_each_others_tasks() -> None:
         assert two.get(of_one.task_id) is None
 
 
+@pytest.mark.anyio
+async def test_an_app_with_state_but_no_tracker_is_not_tracked_by_another_apps() -> None:
+    # Its own lifespan state, without the tracker in it: the app's tasks are
+    # sent as the app's, and the tracker serving another app never sees them.
+    tracker = TaskTracker()
+    app = Starlette()
+    async with tracker.lifespan("another app"):
+        tasks = TrackedBackgroundTasks.for_request({"type": "http", "state": {"db": 1}, "app": app})
+        handle = tasks.add_task(noop)
+        assert tasks.app is app
+        assert tracker.in_flight == []
+        await tasks.run()
+        assert handle.status == "done"
+        assert tracker.get(handle.task_id) is None
+
+
 def test_repr_counts_tasks() -> None:
     assert repr(TaskTracker()) == "<TaskTracker in_flight=0 history=0>"
 
@@ -372,6 +388,16 @@ class _QueuedOnly:
     task_started = task_ended = task_handed_off = None
 
 
+class _StartedOnly:
+    def __init__(self, heard: list[str]) -> None:
+        self.heard = heard
+
+    task_queued = task_ended = task_handed_off = None
+
+    def task_started(self, handle: TaskHandle) -> None:
+        self.heard.append(f"started {handle.name} attempt {handle.attempts}")
+
+
 class _EndedOnly:
     def __init__(self, heard: list[str]) -> None:
         self.heard = heard
@@ -389,6 +415,12 @@ class _EndedOnly:
         ((_EndedOnly,), ["ended t done"]),
         ((_QueuedOnly, _EndedOnly), ["queued t", "ended t done"]),
         ((_EndedOnly, _EndedOnly), ["ended t done", "ended t done"]),
+        ((_StartedOnly,), ["started t attempt 1"]),
+        ((_StartedOnly, _StartedOnly), ["started t attempt 1", "started t attempt 1"]),
+        (
+            (_QueuedOnly, _StartedOnly, _EndedOnly),
+            ["queued t", "started t attempt 1", "ended t done"],
+        ),
     ],
 )
 def test_an_observer_hears_only_the_transitions_it_listens_to(
