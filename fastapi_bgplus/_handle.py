@@ -72,7 +72,7 @@ _epoch_due = -math.inf  # on the monotonic clock: when to read `_epoch` again
 
 def _read_epoch(now: float) -> None:
     global _epoch, _epoch_due
-    _epoch = time.time() - _monotonic()
+    _epoch = time.time() - now
     _epoch_due = now + _EPOCH_MAX_AGE
 
 

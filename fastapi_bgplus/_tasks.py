@@ -199,7 +199,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 task.args = loose_args
                 task.kwargs = loose_kwargs
                 task.is_async = flags & _COROUTINE != 0
-                handle = TaskHandle(func.__qualname__, func.__module__)  # `callable_name(func)`
+                # Named as `callable_name(func)` names it, joined when read.
+                handle = TaskHandle(func.__qualname__, func.__module__)
                 self.tasks.append(task)
                 self.handles.append(handle)
                 if (queued := self._report.on_queued) is not None:

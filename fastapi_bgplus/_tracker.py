@@ -173,9 +173,9 @@ class _Ledger:
             self.idle.set()
 
     def get(self, task_id: str) -> TaskHandle | None:
-        live = self.live.get(task_id)
-        if live is not None:
-            return live[0]
+        entry = self.live.get(task_id)
+        if entry is not None:
+            return entry[0]  # (handle, run)
         self.expire(time.perf_counter())
         finished = self.finished
         if self._numbered != self.ended:
@@ -580,12 +580,12 @@ class TaskTracker:
 
     async def _cut_off(self, reason: str) -> None:
         live = self._ledger.live
-        for run in {run: None for _, run in live.values()}:
+        for run in {run for _, run in live.values()}:
             await run.cancel(reason)
         if live:
             # The cancelled runs report their own losses as they unwind.
             await self._wait_idle(_UNWIND_GRACE)
-        for run in {run: None for _, run in live.values()}:
+        for run in {run for _, run in live.values()}:
             # A task that swallowed its cancellation is still reported lost.
             await run.cancel(reason)
 
