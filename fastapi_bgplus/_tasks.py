@@ -363,7 +363,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                     if (signal := report.started(handle, func)) is not None:
                         await signal
                     if task.is_async:
-                        # Without keywords, no dict is built for them (~35 ns).
+                        # `call(task)`, inline (a coroutine less per task); and
+                        # without keywords, no dict is built for them (~35 ns).
                         kwargs = task.kwargs
                         result = await (func(*task.args, **kwargs) if kwargs else func(*task.args))
                         if result is not None:
