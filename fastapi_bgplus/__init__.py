@@ -7,11 +7,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import signals
-from ._handle import TaskHandle, TaskStatus
+from ._collection import TrackedBackgroundTasks
+from ._exceptions import NotServing, QueueFull
+from ._handle import TaskHandle, TaskStatus, current_task
 from ._limiter import DEFAULT_THREAD_LIMIT, current_thread_limiter
+from ._logging import TaskContextFilter
 from ._options import task
+from ._report import TaskObserver
 from ._store import MemoryStore, TaskStore
-from ._tasks import TrackedBackgroundTasks
 from ._tracker import DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, TaskTracker
 
 __all__ = [
@@ -20,13 +23,18 @@ __all__ = [
     "DEFAULT_THREAD_LIMIT",
     "BackgroundTasks",
     "MemoryStore",
+    "NotServing",
+    "QueueFull",
     "RedisStore",
     "SQLiteStore",
+    "TaskContextFilter",
     "TaskHandle",
+    "TaskObserver",
     "TaskStatus",
     "TaskStore",
     "TaskTracker",
     "TrackedBackgroundTasks",
+    "current_task",
     "current_thread_limiter",
     "get_background_tasks",
     "signals",

@@ -1,21 +1,29 @@
+"""What a task is, seen from outside: its status, its handle, its name."""
+
 from __future__ import annotations
 
 import enum
 import functools
-import math
+import inspect
 import os
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import datetime, timezone
-from types import FunctionType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 __all__ = [
+    "FINISHED",
     "TaskHandle",
     "TaskStatus",
-    "finished_mono",
-    "handed_off",
+    "callable_name",
+    "check_callable",
+    "current_task",
+    "new_task_id",
+    "queueing",
+    "running_task",
 ]
 
 
@@ -26,10 +34,16 @@ class TaskStatus(str, enum.Enum):
     """
 
     PENDING = "pending"
+    """Queued; it has not started (it may be waiting for its turn)."""
     RUNNING = "running"
+    """Running now (an attempt of it, for a task with ``attempts=``)."""
     DONE = "done"
+    """It returned."""
     FAILED = "failed"
+    """It raised (``handle.error``), or ran past its timeout."""
     CANCELLED = "cancelled"
+    """It will never run or finish: its request failed, it was cancelled, or
+    it was cut off at shutdown."""
     LOST = "lost"
     """Its process stopped without reporting an end; it may or may not have run.
     Only a task store answers it, for a task of another process (see `TaskTracker`)."""
@@ -38,214 +52,230 @@ class TaskStatus(str, enum.Enum):
         return self.value
 
 
-# The members, bound once: reading one off the class costs about 100 ns before
-# Python 3.12, and every task reads several on its way through.
-PENDING = TaskStatus.PENDING
-RUNNING = TaskStatus.RUNNING
-DONE = TaskStatus.DONE
 FINISHED = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.LOST})
+"""The end states."""
+
+
+def new_task_id() -> str:
+    """32 lowercase hex digits: 128 bits from the OS's cryptographic source.
+
+    Ids are unguessable, so the status route needs no further access control
+    to keep one task's status from another client."""
+    return os.urandom(16).hex()
 
 
 def callable_name(func: Any) -> str:
-    if type(func) is FunctionType and func.__module__:  # the common case, quickly
-        return f"{func.__module__}.{func.__qualname__}"
+    """``module.qualname`` of a task's callable, behind `functools.partial`;
+    for an instance whose ``__call__`` does the work, its class's."""
     while isinstance(func, functools.partial):
         func = func.func
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
-    if qualname is None:  # an instance whose __call__ does the work
-        qualname = type(func).__qualname__
+    if qualname is None:
         module = type(func).__module__
+        qualname = type(func).__qualname__
     return f"{module}.{qualname}" if module else qualname
 
 
-_monotonic = time.perf_counter  # the handles' clock
+def check_callable(func: Any) -> None:
+    """Refuse, with a `TypeError` that says what to do, what could never run
+    as a task: a non-callable, an awaitable (a coroutine object), a
+    generator function."""
+    if inspect.isawaitable(func):
+        name = getattr(func, "__qualname__", type(func).__qualname__)
+        kind = "an awaitable"
+        if inspect.iscoroutine(func):
+            # Never awaited now; closing it spares the user a second,
+            # confusing "coroutine was never awaited" warning.
+            func.close()
+            kind = "a coroutine object"  # the words of Python's own warning
+        raise TypeError(
+            f"add_task() got {kind} ({name}(...)) instead of a function;"
+            f" pass the function and its arguments instead:"
+            f" add_task({name}, *args, **kwargs)"
+        )
+    if not callable(func):
+        raise TypeError(
+            f"add_task() expects a function or other callable, got"
+            f" {type(func).__name__!r}; pass the function and its arguments:"
+            f" add_task(send_email, address)"
+        )
+    target = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    # An instance runs its __call__; a class only builds an instance.
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or isinstance(target, type)):
+        target = getattr(target, "__call__", target)  # noqa: B004
+    if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
+        raise TypeError(
+            f"add_task() got a generator function ({callable_name(func)}),"
+            f" whose body would never run; background tasks must be plain"
+            f" 'def' or 'async def' functions: wrap it in one that iterates it"
+        )
 
-# The wall clock's time at the monotonic clock's zero: a handle's timestamps
-# are monotonic readings plus this, read again when over a second old, so
-# that a handle costs one clock reading, not two, and a step of the system
-# clock shows within a second. (Both clocks slew alike under NTP.)
-_EPOCH_MAX_AGE = 1.0
-_epoch = 0.0
-_epoch_due = -math.inf  # on the monotonic clock: when to read `_epoch` again
+
+class _Queueing(Protocol):
+    """A request's collection while its endpoint runs (see `queueing`)."""
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def handles(self) -> list[TaskHandle]: ...
 
 
-def _read_epoch(now: float) -> None:
-    global _epoch, _epoch_due
-    _epoch = time.time() - now
-    _epoch_due = now + _EPOCH_MAX_AGE
+queueing: ContextVar[_Queueing | None] = ContextVar("fastapi_bgplus.queueing", default=None)
+"""The collection of the request running in this context, set by the FastAPI
+provider: a task of it that has not started cannot finish before the
+response, so `TaskHandle.wait()` there would never return."""
+
+running_task: ContextVar[TaskHandle | None] = ContextVar("fastapi_bgplus.task", default=None)
+"""The handle of the task running in this context (see `current_task`)."""
 
 
-_ID_BATCH = 64
-_ids: list[str] = []  # drawn ahead, in bulk: one system call per batch
+def current_task() -> TaskHandle | None:
+    """The `TaskHandle` of the background task running now, or `None` outside one.
 
-
-def _new_task_id() -> str:
-    """32 hex digits, 128 bits from the OS's cryptographic source.
-
-    Ids are unguessable, so the status route needs no further access control
-    to stay private. `list.pop()` is atomic, so threads (sync endpoints queue
-    tasks too) never share an id.
-    """
-    while True:
-        try:
-            return _ids.pop()
-        except IndexError:
-            # One id per 16 bytes: hex() puts a space between them.
-            _ids.extend(os.urandom(16 * _ID_BATCH).hex(" ", 16).split())
-
-
-# A forked child must not hand out the ids its parent drew ahead. (Forking is
-# POSIX only; elsewhere there is nothing to guard against.)
-if hasattr(os, "register_at_fork"):  # pragma: no branch
-    os.register_at_fork(after_in_child=_ids.clear)
+    Works in ``async def`` tasks and in ``def`` tasks (their worker thread
+    gets a copy of the context), and in whatever they call: a log filter
+    (`TaskContextFilter`), an HTTP client's hooks."""
+    return running_task.get()
 
 
 class TaskHandle:
     """The id, status and timings of one background task.
 
     Returned by `add_task()`. Handles never hold the task's arguments, so they
-    are safe to keep, log and serialise.
+    are safe to keep, log and serialise. Its state changes only when the task
+    moves on (the package's runners do that); read it, or `await wait()`.
+
+    Attributes:
+        task_id: 32 lowercase hex characters, unique, unguessable.
+        name: ``module.qualname`` of the task's callable (behind
+            `functools.partial`), or the name its queue gives it (taskiq).
+        status: A `TaskStatus`: ``pending``, ``running``, then ``done`` or
+            ``failed``; or ``cancelled``.
+        error: The exception of a failed task, else `None`.
+        attempts: How many times it has started (more than 1 only with
+            ``@task(attempts=...)``).
+        created_at: When `add_task()` was called (timezone-aware UTC).
+        started_at: When it first started, or `None`.
+        finished_at: When it reached its end state, or `None`.
     """
 
-    # Its state (`status`, `error`, `attempts`, the clocks, the event `wait()`
-    # waits on, `_handed_off`) changes only at a transition, and transitions
-    # are made in one place: `_lifecycle.Reporter`, which writes these slots
-    # itself (a call less per transition: per task, that is measurable).
-
     __slots__ = (
-        "_created_mono",
-        "_epoch",
-        "_finished_event",
-        "_finished_mono",
-        "_handed_off",  # set only once sent away: never read on the hot path
-        "_module",
-        "_name",
-        "_started_mono",
+        "_ended",
+        "_finished_clock",
+        "_handed_off",
+        "_started_clock",
         "attempts",
+        "created_at",
         "error",
+        "finished_at",
+        "name",
+        "started_at",
         "status",
         "task_id",
     )
 
-    _handed_off: bool  # unset until `Reporter.handed_off`: nothing to pay per task
-
-    def __init__(self, name: str, module: str | None = None) -> None:
-        try:
-            self.task_id: str = _ids.pop()  # `_new_task_id()`, without a call
-        except IndexError:
-            self.task_id = _new_task_id()
-        # With `module`, `name` is a qualname, joined to it when `name` is read:
-        # a string built per task costs ~60 ns, and most names are never read.
-        self._name = name
-        self._module = module
-        self.status: TaskStatus = PENDING
+    def __init__(self, name: str, task_id: str | None = None) -> None:
+        self.task_id: str = task_id or new_task_id()
+        self.name: str = name
+        self.status: TaskStatus = TaskStatus.PENDING
         self.error: BaseException | None = None
         self.attempts: int = 0
-        # Timestamps are monotonic readings, made wall-clock time by the
-        # clocks' difference as of this handle's creation (see `_epoch`).
-        self._created_mono = mono = _monotonic()
-        if mono > _epoch_due:
-            _read_epoch(mono)
-        self._epoch = _epoch
-        self._started_mono: float | None = None
-        self._finished_mono: float | None = None
-        self._finished_event: anyio.Event | None = None
+        self.created_at: datetime = datetime.now(timezone.utc)
+        self.started_at: datetime | None = None
+        self.finished_at: datetime | None = None
+        self._started_clock: float | None = None
+        self._finished_clock: float | None = None
+        self._handed_off: Callable[[], Any] | None = None
+        self._ended: anyio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id[:6]}… {self.status.value} {self.name}>"
 
     @property
-    def name(self) -> str:
-        """``module.qualname`` of the task's callable (behind `functools.partial`),
-        or the name its queue gives it (taskiq)."""
-        module = self._module
-        # Joined at every read, never stored: a handle may be read from threads.
-        return f"{module}.{self._name}" if module else self._name
-
-    @name.setter
-    def name(self, name: str) -> None:
-        self._name = name
-        self._module = None
-
-    def _wall(self, mono: float | None) -> datetime | None:
-        if mono is None:
-            return None
-        return datetime.fromtimestamp(self._epoch + mono, timezone.utc)
-
-    @property
-    def created_at(self) -> datetime:
-        """When `add_task()` was called (timezone-aware UTC)."""
-        return datetime.fromtimestamp(self._epoch + self._created_mono, timezone.utc)
-
-    @property
-    def started_at(self) -> datetime | None:
-        """When the task started running, or `None` if it never did."""
-        return self._wall(self._started_mono)
-
-    @property
-    def finished_at(self) -> datetime | None:
-        """When the task reached its end state, or `None` while it has not."""
-        return self._wall(self._finished_mono)
-
-    @property
     def duration_s(self) -> float | None:
         """Run time in seconds, from a monotonic clock; `None` unless it ran and ended."""
-        if self._started_mono is None or self._finished_mono is None:
+        if self._started_clock is None or self._finished_clock is None:
             return None
-        return self._finished_mono - self._started_mono
+        return self._finished_clock - self._started_clock
 
     @property
     def finished(self) -> bool:
         """Whether the task has reached an end state: done, failed, cancelled (or lost)."""
         return self.status in FINISHED
 
+    @property
+    def handed_off(self) -> bool:
+        """Whether the task was sent out of this process (to a taskiq broker):
+        it ends in a worker, which reports to the task store."""
+        return self._handed_off is not None
+
+    @property
+    def finished_clock(self) -> float | None:
+        """When it ended, on `time.monotonic()`'s clock (for expiry)."""
+        return self._finished_clock
+
+    # Transitions: made by the package's Reporter only.
+
+    def _start(self) -> None:
+        self.status = TaskStatus.RUNNING
+        self.attempts += 1
+        if self._started_clock is None:
+            self._started_clock = time.monotonic()
+            self.started_at = datetime.now(timezone.utc)
+
+    def _finish(self, status: TaskStatus, error: BaseException | None = None) -> None:
+        self.status = status
+        self.error = error
+        self._finished_clock = time.monotonic()
+        self.finished_at = datetime.now(timezone.utc)
+        if self._ended is not None:
+            self._ended.set()
+
+    def _hand_off(self, wait: Callable[[], Any]) -> None:
+        """Sent to a queue: `wait` is what `wait()` awaits from now on."""
+        self._handed_off = wait
+        if self._ended is not None:
+            self._ended.set()  # a `wait()` already waiting follows it there
+
     async def wait(self) -> None:
         """Return once the task has reached an end state, whichever it is.
 
-        Raises `RuntimeError` for a task handed to a queue (a taskiq task,
-        once sent): it ends in a worker process, which this one never hears
-        from; its status is in the task store (`TaskTracker.lookup`).
+        Raises `RuntimeError` at once where it could never return: awaited in
+        the request that queued the task, before the response (the task runs
+        after it). For a task handed to taskiq, it polls the task store (see
+        `TaskTracker.lookup`), or raises if the tracker has none.
         """
         if self.finished:
             return
-        if not handed_off(self):
-            if self._finished_event is None:
-                self._finished_event = anyio.Event()
-            await self._finished_event.wait()  # set when it ends, or is handed off
-            if self.finished:
-                return
-        raise RuntimeError(
-            f"Background task {self.task_id} ({self.name}) was handed to a queue (taskiq)"
-            f" and ends in a worker process, which this one never hears from; ask the"
-            f" task store for its status: await tracker.lookup(task_id)"
-        )
+        collection = queueing.get()
+        if collection is not None and not collection.started and self in collection.handles:
+            raise RuntimeError(
+                f"await handle.wait() for background task {self.task_id} ({self.name})"
+                f" in the request that queued it would never return: its tasks run"
+                f" after the response is sent. Return the task id to the client and"
+                f" look the task up later (TaskTracker.router(), tracker.lookup())"
+            )
+        if self._handed_off is None:
+            if self._ended is None:
+                self._ended = anyio.Event()
+            await self._ended.wait()  # set when it ends, or is handed off
+        if self._handed_off is not None and not self.finished:
+            await self._handed_off()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary: no arguments, no exception message."""
-        started_at = self.started_at
-        finished_at = self.finished_at
         return {
             "task_id": self.task_id,
             "name": self.name,
             "status": self.status.value,
             "created_at": self.created_at.isoformat(),
-            "started_at": started_at.isoformat() if started_at else None,
-            "finished_at": finished_at.isoformat() if finished_at else None,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "duration_s": self.duration_s,
             "error": type(self.error).__name__ if self.error is not None else None,
             "attempts": self.attempts,
         }
-
-
-# Read by the runners and the tracker; written by `_lifecycle.Reporter` only.
-
-
-def handed_off(handle: TaskHandle) -> bool:
-    """Whether the task was sent out of this process (`Reporter.handed_off`)."""
-    return getattr(handle, "_handed_off", False)
-
-
-def finished_mono(handle: TaskHandle) -> float | None:
-    """When it finished, on `time.perf_counter()`'s clock (for expiry)."""
-    return handle._finished_mono

@@ -1,8 +1,9 @@
 """Task options: ``@task(timeout=..., attempts=..., retry_on=...)``.
 
 The decorator returns a `TaskFunction`, which calls like the plain function
-and tells `add_task` (through ``bgplus_runner``) how to run it: under a
-deadline, and retried by stamina. The run loop knows nothing of options.
+and is the runner `add_task` uses for it (`TaskFunction.run_task`): in its
+turn, under a deadline, retried by stamina. The run loop knows nothing of
+options.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import anyio
+from anyio.lowlevel import RunVar
 from starlette.background import BackgroundTask
 
-from ._handle import RUNNING, TaskHandle, callable_name
-from ._lifecycle import Reporter
-from ._tasks import call
-
-if TYPE_CHECKING:
-    from ._tasks import TaskRunner
+from ._collection import call
+from ._handle import TaskHandle, TaskStatus, callable_name
+from ._report import Reporter
 
 __all__ = ["TaskFunction", "task"]
 
@@ -38,6 +37,7 @@ def task(
     timeout: float | None = None,
     attempts: int = 1,
     retry_on: ExceptionTypes = (),
+    concurrency: int | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Give a task function options that `add_task` honours.
 
@@ -60,6 +60,10 @@ def task(
             most 5 s, plus up to 1 s of jitter). Needs the ``retry`` extra:
             ``pip install "fastapi-bgplus[retry]"``.
         retry_on: An `Exception` subclass, or a tuple of them, to retry on.
+        concurrency: At most this many runs of the function at once in the
+            process (per event loop), across requests and collections; the
+            others wait ``pending``, first come first served, and their
+            `timeout` counts from their start. `None`: no limit.
 
     Calling the decorated function directly calls the plain function, with no
     options. Raises `TypeError` or `ValueError` when applied, for an option
@@ -73,10 +77,23 @@ def task(
     timeout = _checked_timeout(timeout)
     retry_types = _checked_retry_on(retry_on)
     _check_attempts(attempts, retry_types)
+    if concurrency is not None and (
+        not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+    ):
+        raise ValueError(
+            f"task(concurrency=...) must be an int >= 1 (runs at once), or None for no"
+            f" limit; got {concurrency!r}"
+        )
 
     def decorate(func: Callable[P, R]) -> TaskFunction[P, R]:
         kind = _AsyncTaskFunction if _check_function(func) else TaskFunction
-        return kind(func, timeout=timeout, attempts=attempts, retry_on=retry_types)
+        return kind(
+            func,
+            timeout=timeout,
+            attempts=attempts,
+            retry_on=retry_types,
+            concurrency=concurrency,
+        )
 
     return decorate
 
@@ -96,11 +113,15 @@ class TaskFunction(Generic[P, R]):
         timeout: float | None,
         attempts: int,
         retry_on: tuple[type[Exception], ...],
+        concurrency: int | None = None,
     ) -> None:
         functools.update_wrapper(self, func)
         self.timeout = timeout
         self.attempts = attempts
         self.retry_on = retry_on
+        self.concurrency = concurrency
+        # One semaphore per event loop: anyio's primitives belong to one.
+        self._turns: RunVar[anyio.Semaphore] = RunVar(f"fastapi_bgplus.turns.{id(self)}")
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.__wrapped__(*args, **kwargs)
@@ -110,11 +131,23 @@ class TaskFunction(Generic[P, R]):
         if self.retry_on:
             names = ", ".join(error.__name__ for error in self.retry_on)
             options += f", retry_on=({names},)"
+        if self.concurrency is not None:
+            options += f", concurrency={self.concurrency!r}"
         return f"<TaskFunction {callable_name(self.__wrapped__)} {options}>"
 
-    def bgplus_runner(self) -> TaskRunner:
-        """How `add_task` runs it: looked up on the type, at ``add_task``."""
-        return self._run
+    async def run_task(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
+        """Run it as a task (the `TaskRunner` `add_task` uses): in its turn,
+        under its deadline, with its retries, reporting each transition."""
+        if self.concurrency is None:
+            await self._run(report, handle, task)
+            return
+        try:
+            turns = self._turns.get()
+        except LookupError:
+            turns = anyio.Semaphore(self.concurrency)
+            self._turns.set(turns)
+        async with turns:
+            await self._run(report, handle, task)
 
     async def _run(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
         try:
@@ -129,11 +162,11 @@ class TaskFunction(Generic[P, R]):
                         f" (task(timeout={self.timeout!r}))"
                     )
         except Exception as exc:
-            if handle.status is RUNNING:  # not reported lost meanwhile
+            if handle.status is TaskStatus.RUNNING:  # not cancelled meanwhile
                 await report.failed(handle, self, exc)
         else:
-            if handle.status is RUNNING and (signal := report.completed(handle, self)):
-                await signal
+            if handle.status is TaskStatus.RUNNING:
+                await report.completed(handle, self)
 
     async def _attempts(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
         if self.attempts == 1:
@@ -159,9 +192,8 @@ class TaskFunction(Generic[P, R]):
                     raise
 
     async def _attempt(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
-        if (signal := report.started(handle, self)) is not None:
-            await signal
-        await call(task)
+        await report.started(handle, self)
+        await call(handle, task)
 
 
 async def _call_async(self: TaskFunction[..., Any], *args: Any, **kwargs: Any) -> Any:

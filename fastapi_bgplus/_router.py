@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -10,9 +9,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field
 
-__all__ = ["TaskNotFound", "TaskRecord", "status_router"]
+from ._exceptions import NotServing
 
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
+__all__ = ["TaskNotFound", "TaskRecord", "status_router"]
 
 
 class TaskRecord(BaseModel):
@@ -47,6 +46,7 @@ class TaskRecord(BaseModel):
         description="The exception's class name if it failed (never its message).",
         examples=[None, "TimeoutError"],
     )
+    attempts: int = Field(description="How many times it started (retries count).")
 
 
 class TaskNotFound(BaseModel):
@@ -55,15 +55,35 @@ class TaskNotFound(BaseModel):
     detail: str = Field(examples=["Unknown task id"])
 
 
+class Unavailable(BaseModel):
+    """The answer when the task store cannot answer in time, or the tracker's
+    lifespan is not running (the detail says how to install it)."""
+
+    detail: str = Field(examples=["Task store unavailable"])
+
+
+async def answer(lookup: Callable[[str], Awaitable[Any]], task_id: str) -> Any:
+    """`lookup(task_id)`, with its failures as HTTP errors: 503 when the
+    tracker is not serving (saying how to install it) or the store cannot
+    answer in time (not logged per request: the store's writer warns, once
+    per window)."""
+    try:
+        return await lookup(task_id)
+    except NotServing as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    except Exception as exc:
+        raise HTTPException(status_code=503, detail="Task store unavailable") from exc
+
+
 def status_router(
     lookup: Callable[[str], Awaitable[dict[str, Any] | None]], prefix: str = "", **kwargs: Any
 ) -> APIRouter:
     """A FastAPI router serving ``GET {prefix}/{task_id}`` → the task's record.
 
-    `lookup` is awaited with a well-formed task id (32 lowercase hex
-    characters) and returns the record, a `TaskHandle.to_dict()`, or `None`.
-    Unknown and malformed ids get `404`. The record is served as it is (keys
-    this version does not know included); `TaskRecord` documents it in
+    `lookup` is awaited with the task id and returns the record, a
+    `TaskHandle.to_dict()`, or `None`: `404`. It may raise (`503`, see
+    `answer`). The record is served as it is (keys this version does not
+    know included); `TaskRecord` documents it in
     OpenAPI. Keyword arguments go to `fastapi.APIRouter` (``tags=``,
     ``dependencies=`` for auth, ...).
     """
@@ -76,12 +96,15 @@ def status_router(
         responses={
             200: {"model": TaskRecord, "description": "The task's status."},
             404: {"model": TaskNotFound, "description": "Unknown, expired or malformed task id."},
+            503: {"model": Unavailable, "description": "The store or the tracker is not there."},
         },
     )
     async def task_status(
         task_id: Annotated[str, Path(description="The id `add_task()`'s handle gave.")],
     ) -> dict[str, Any]:
-        record = await lookup(task_id) if _TASK_ID.fullmatch(task_id) else None
+        task_id = task_id.lower()  # ids are lowercase hex; the uppercase spelling is accepted
+        well_formed = len(task_id) == 32 and all(c in "0123456789abcdef" for c in task_id)
+        record: dict[str, Any] | None = await answer(lookup, task_id) if well_formed else None
         if record is None:
             raise HTTPException(status_code=404, detail="Unknown task id")
         return record

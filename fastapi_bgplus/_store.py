@@ -15,13 +15,14 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
 from ._handle import TaskHandle
-from ._lifecycle import Cancellable
+from ._report import Cancellable, TaskObserver
 
 __all__ = [
     "FLUSH_INTERVAL",
@@ -53,9 +54,6 @@ MAX_BUFFERED = 100_000
 
 WARN_EVERY = 30.0
 """Seconds between two WARNINGs about a failing store."""
-
-SHUTDOWN_TIMEOUT = 5.0
-"""Seconds the last write at shutdown (and closing the store) may take."""
 
 STORE_METHODS = ("put", "get", "renew_lease", "lease_alive", "aclose")
 
@@ -151,19 +149,21 @@ def new_owner() -> str:
     return f"{os.getpid()}-{os.urandom(8).hex()}"
 
 
-class StoreWriter:
+class StoreWriter(TaskObserver):
     """The `TaskObserver` that writes the tracked tasks' records to a store.
 
     Transitions only file the task's handle under its id (a later transition
     of the same task replaces the earlier: records coalesce); `run()` writes
     the buffer every `interval` seconds, from the tracker's lifespan, and
-    renews this process's lease every ``lease_ttl / 3`` seconds.
+    renews this process's lease every ``lease_ttl / 3`` seconds, and at once
+    when the store answers again after failing (a restarted Redis has lost it).
 
-    While the store fails, the records stay buffered and are retried at the
-    next write; a WARNING says so at most once per `warn_every` seconds. Past
-    `max_buffered` records, the oldest finished ones are dropped (their last
-    status is then never written; the next WARNING counts them); if none has
-    finished, the oldest of all go.
+    While the store fails or is slow, the records stay buffered and are
+    retried at the next write. Past `max_buffered` records, the oldest
+    finished ones are dropped, in constant time (their last status is then
+    never written); if none has finished, the oldest of all go. A WARNING
+    says so at most once per `warn_every` seconds: how many records wait,
+    how many were dropped and since when.
     """
 
     def __init__(
@@ -186,15 +186,19 @@ class StoreWriter:
         self.max_buffered = max_buffered
         self.warn_every = warn_every
         self._clock = clock
-        self._buffer: dict[str, TaskHandle] = {}
+        # Filed handles, by id, oldest first: the finished apart, so that the
+        # one to drop is always at the front of one of them.
+        self._unfinished: OrderedDict[str, TaskHandle] = OrderedDict()
+        self._finished: OrderedDict[str, TaskHandle] = OrderedDict()
         self._lease_due = -math.inf
         self._next_warning = -math.inf
         self._failing = False
         self._dropped = 0
+        self._dropped_since: float | None = None  # wall clock of the first drop unreported
 
     # TaskObserver: on the event loop, for every transition; no I/O here.
 
-    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
+    def task_queued(self, handle: TaskHandle, tasks: Cancellable) -> None:
         self._file(handle)
 
     def task_started(self, handle: TaskHandle) -> None:
@@ -206,26 +210,34 @@ class StoreWriter:
     def task_handed_off(self, handle: TaskHandle) -> None:
         # Its record is written where it runs now (taskiq's middleware): a
         # `pending` of ours, written later, would hide that one's progress.
-        self._buffer.pop(handle.task_id, None)
+        self._unfinished.pop(handle.task_id, None)
 
     def _file(self, handle: TaskHandle) -> None:
-        buffer = self._buffer
-        buffer[handle.task_id] = handle
-        if len(buffer) > self.max_buffered:
+        task_id = handle.task_id
+        self._unfinished.pop(task_id, None)
+        if handle.finished:
+            self._finished[task_id] = handle
+        else:
+            self._unfinished[task_id] = handle
+        if self.buffered > self.max_buffered:
             self._drop_one()
 
     def _drop_one(self) -> None:
-        buffer = self._buffer
-        victim = next((key for key, handle in buffer.items() if handle.finished), None)
-        if victim is None:
-            victim = next(iter(buffer))
-        del buffer[victim]
+        (self._finished or self._unfinished).popitem(last=False)
         self._dropped += 1
+        if self._dropped_since is None:
+            self._dropped_since = time.time()
+        self._warn("the store is slower than the tasks")
 
     @property
     def buffered(self) -> int:
         """Records waiting to be written."""
-        return len(self._buffer)
+        return len(self._unfinished) + len(self._finished)
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped from the full buffer since the last WARNING said so."""
+        return self._dropped
 
     # The loop, in the tracker's lifespan task group.
 
@@ -249,7 +261,9 @@ class StoreWriter:
                 self._lease_due = self._clock() + self.lease_ttl / 3
             await self._write()
         except Exception as exc:
-            self._failed(exc)
+            self._failing = True
+            self._lease_due = -math.inf  # renewed first thing once it answers
+            self._warn(f"it failed ({type(exc).__name__}: {exc})")
             return False
         if self._failing:
             self._failing = False
@@ -257,54 +271,61 @@ class StoreWriter:
         return True
 
     async def _write(self) -> None:
-        batch = self._buffer
-        if not batch:
+        if not self.buffered:
             return
-        self._buffer = {}
+        batch = [*self._unfinished.values(), *self._finished.values()]
+        self._unfinished = OrderedDict()
+        self._finished = OrderedDict()
         owner = self.owner
-        records = [{**handle.to_dict(), "owner": owner} for handle in batch.values()]
+        records = [{**handle.to_dict(), "owner": owner} for handle in batch]
         try:
             await self.store.put(records, history_ttl=self.history_ttl)
         except BaseException:
-            # Keep them for the next try; transitions filed meanwhile are newer.
-            batch.update(self._buffer)
-            self._buffer = batch
-            while len(batch) > self.max_buffered:
-                self._drop_one()
+            # Keep them for the next try, in their order; a transition filed
+            # meanwhile is newer, and takes its task's place.
+            filed = {**self._unfinished, **self._finished}
+            self._unfinished = OrderedDict()
+            self._finished = OrderedDict()
+            for handle in batch:
+                self._file(filed.pop(handle.task_id, handle))
+            for handle in filed.values():
+                self._file(handle)
             raise
 
-    def _failed(self, exc: Exception) -> None:
-        self._failing = True
+    def _warn(self, why: str) -> None:
         now = self._clock()
         if now < self._next_warning:
             return
         self._next_warning = now + self.warn_every
         dropped, self._dropped = self._dropped, 0
+        since, self._dropped_since = self._dropped_since, None
+        lost = ""
+        if dropped:
+            when = time.strftime("%H:%M:%S", time.localtime(since))
+            lost = f", and {dropped} dropped from the full buffer since {when}"
         logger.warning(
-            "The task store %r failed (%s: %s); %d record(s) wait to be written,"
-            " %d dropped since the last warning; retrying every %s s, next warning"
-            " in %s s at the earliest. Tasks run as usual.",
+            "The task store %r is behind: %s; %d record(s) wait to be written%s."
+            " Retrying every %s s; next warning in %s s at the earliest. Tasks run as usual.",
             self.store,
-            type(exc).__name__,
-            exc,
-            len(self._buffer),
-            dropped,
+            why,
+            self.buffered,
+            lost,
             self.interval,
             self.warn_every,
         )
 
-    async def close(self) -> None:
+    async def close(self, grace: float) -> None:
         """At shutdown, after the drain: write what remains (and close the
-        store) within `SHUTDOWN_TIMEOUT` seconds; say what could not be written."""
-        with anyio.move_on_after(SHUTDOWN_TIMEOUT):
+        store) within `grace` seconds each; say what could not be written."""
+        with anyio.move_on_after(grace):
             await self.flush()
-        if self._buffer:
+        if self.buffered:
             logger.warning(
                 "%d task record(s) could not be written to the task store %r at shutdown",
-                len(self._buffer),
+                self.buffered,
                 self.store,
             )
-        with anyio.move_on_after(SHUTDOWN_TIMEOUT):
+        with anyio.move_on_after(grace):
             try:
                 await self.store.aclose()
             except Exception as exc:

@@ -17,11 +17,12 @@ never does.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING
 
 from ._handle import TaskHandle, TaskStatus
+from ._report import TaskObserver
 
 if TYPE_CHECKING:
     from opentelemetry import context as otel_context
@@ -40,7 +41,6 @@ __all__ = [
     "current_observer",
     "extract_context",
     "inject_context",
-    "provider_set",
     "span_observer",
 ]
 
@@ -56,48 +56,19 @@ RETRY_EVENT = "fastapi_bgplus.task.retry"
 """An event on the task's span when another attempt of it begins."""
 ATTEMPT = "fastapi_bgplus.task.attempt"
 
-_FAILED = TaskStatus.FAILED
-_CANCELLED = TaskStatus.CANCELLED
 _tracer: Tracer | None = None
-# Once OpenTelemetry is imported: its functions, bound once.
-_current_context: Callable[[], Context] | None = None
-_current_span: Callable[[Context], Span] | None = None
-_quiet: Context | None = None  # the last context checked where no span records
 _task_key = ""  # marks the context a task's span was attached in (see task_ended)
 
 
 def current_observer() -> SpanObserver | None:
     """A `SpanObserver` for a new collection if a span records in the current
     context, else `None`: one check per collection, none per task."""
-    global _current_context, _current_span, _quiet
-    if _current_context is None or _current_span is None:
-        # No span can record before OpenTelemetry is imported; looking in
-        # sys.modules first keeps it unimported, and the check free, without it.
-        loaded = sys.modules.get("opentelemetry.trace")
-        if loaded is None:  # pragma: no cover  (tested in a subprocess)
-            return None
-        _current_context = sys.modules["opentelemetry.context"].get_current
-        _current_span = loaded.get_current_span
-    context = _current_context()
-    if context is _quiet:
-        # A context is immutable, and a span that does not record never
-        # will: the answer of the last check stands (without a tracing
-        # middleware, every request has this same context).
-        return None
-    if not _current_span(context).is_recording():
-        _quiet = context
+    # No span can record before OpenTelemetry is imported; looking in
+    # sys.modules first keeps it unimported, and the check free, without it.
+    loaded = sys.modules.get("opentelemetry.trace")
+    if loaded is None or not loaded.get_current_span().is_recording():
         return None
     return span_observer()
-
-
-def provider_set() -> bool:
-    """Whether a span of ours could record: a global tracer provider is set
-    (ours come from it, as OpenTelemetry's instrumentations' spans do, and
-    FastAPI's). Once set, one stays set. Never imports OpenTelemetry."""
-    loaded = sys.modules.get("opentelemetry.trace")
-    if loaded is None:  # pragma: no cover  (tested in a subprocess)
-        return False
-    return not isinstance(loaded.get_tracer_provider(), loaded.ProxyTracerProvider)
 
 
 def span_observer() -> SpanObserver:
@@ -123,7 +94,7 @@ def _load() -> None:
     _task_key = otel_context.create_key("fastapi_bgplus.task")
 
 
-class SpanObserver:
+class SpanObserver(TaskObserver):
     """A `TaskObserver` that runs each task of one collection in a span of its own.
 
     Span: `SPAN_NAME`, a child of the span current when the task starts (the
@@ -134,12 +105,8 @@ class SpanObserver:
     Never the task's arguments, never an exception's message.
     """
 
-    __slots__ = ("_open",)
-
     def __init__(self) -> None:
         self._open: dict[TaskHandle, tuple[Span, Token[Context]]] = {}
-
-    task_queued = None  # the span opens when the task starts
 
     def task_started(self, handle: TaskHandle) -> None:
         opened = self._open.get(handle)
@@ -167,17 +134,15 @@ class SpanObserver:
             # swallowed its cancellation), where detaching would fail.
             if otel_context.get_value(_task_key) is handle:
                 otel_context.detach(token)
-        status = handle.status
-        if status is _FAILED:
+        if handle.status is TaskStatus.FAILED:
             span.set_attribute("error.type", _error_type(handle.error))
             span.set_status(trace.StatusCode.ERROR)
-        elif status is _CANCELLED:
+        elif handle.status is TaskStatus.CANCELLED:
             span.set_attribute(CANCELLED, True)
         span.end()
 
-    # Sent to a queue: no span here; the worker's continues the trace from
-    # the context the message carries.
-    task_handed_off = None
+    # Sent to a queue (`task_handed_off`): no span here; the worker's
+    # continues the trace from the context the message carries.
 
 
 def _start(handle: TaskHandle) -> Span:

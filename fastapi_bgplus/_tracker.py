@@ -1,35 +1,33 @@
+"""`TaskTracker`: the lifespan hook that tracks, serves, drains and names tasks."""
+
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 import logging
 import math
-import re
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-from starlette.types import Scope
 
-from ._eventloop import current_library
-from ._handle import TaskHandle, TaskStatus, finished_mono
-from ._identity import Memo, remember
-from ._lifecycle import UNBOUND, AppReporter, Cancellable, Reporter, TaskObserver
+from ._backend import Loop
+from ._collection import STATE_KEY, _idle_trackers
+from ._exceptions import NotServing, QueueFull
+from ._handle import TaskHandle, TaskStatus
 from ._limiter import current_thread_limiter
+from ._report import DEFAULT_GRACE, Cancellable, Reporter, TaskObserver
 from ._store import STORE_METHODS, UNFINISHED, StoreWriter
-from ._tracing import provider_set
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from ._store import TaskStore
+    from ._tracing import SpanObserver
 
-__all__ = ["DEFAULT_HISTORY_SIZE", "DEFAULT_HISTORY_TTL", "TaskTracker"]
+__all__ = ["DEFAULT_HISTORY_SIZE", "DEFAULT_HISTORY_TTL", "DEFAULT_STORE_TIMEOUT", "TaskTracker"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -39,201 +37,117 @@ DEFAULT_HISTORY_SIZE = 10_000
 DEFAULT_HISTORY_TTL = 3600.0
 """Seconds a finished handle stays available for lookup, by default."""
 
-_STATE_KEY = "fastapi_bgplus.tracker"
-_TASK_ID = re.compile(r"[0-9a-f]{32}")  # as the status route checks it
+DEFAULT_STORE_TIMEOUT = 5.0
+"""Seconds a store call made for a request (a lookup) may take, by default."""
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
-
-ON_TRIO: Final = "trio"
-
-Cutoff: TypeAlias = "asyncio.AbstractEventLoop | Literal['trio']"
-"""How the drain can cut a collection's run off: on asyncio, the tracker's
-event loop (the run's host task is recorded on it); on trio, `ON_TRIO` (the
-run goes in a cancel scope)."""
-
-
-class Binding:
-    """What a request's collection takes from its app (and the app's tracker,
-    if one serves it): the reporter of the app's tasks, how its run can be cut
-    off, the detached runner, and whether its tasks may be traced."""
-
-    __slots__ = ("cutoff", "reporter", "spawn", "traced")
-
-    def __init__(
-        self,
-        reporter: Reporter,
-        cutoff: Cutoff | None,
-        spawn: Callable[[Callable[[], Any]], bool] | None,
-        traced: bool,
-    ) -> None:
-        self.reporter = reporter
-        self.cutoff = cutoff
-        self.spawn = spawn
-        self.traced = traced
-        """Whether each collection checks for a recording span. With a tracker:
-        whether a global tracer provider was set at the app's first request
-        after startup (without one, no span of ours records). Without one:
-        always, as there is no startup to read it again at."""
+NOT_SERVING = (
+    "This TaskTracker's lifespan is not running, so it tracks no task. Install it:"
+    " FastAPI(lifespan=tracker.lifespan), FastAPI(lifespan=tracker.wrap(your_lifespan))"
+    " or tracker.install(app); in tests, `with TestClient(app) as client:` runs it."
+    " (Starlette never runs a mounted sub-app's lifespan: install it on the outer app.)"
+)
 
 
-def binding_of(scope: Scope) -> Binding:
-    """The `Binding` of this request's collection.
-
-    Built once per app (the one the request belongs to: a mounted sub-app has
-    its own) and tracker start, or once per app that no tracker serves, and
-    shared by its requests: this is on every request's path."""
-    state = scope.get("state")
-    if state:
-        tracker: TaskTracker | None = state.get(_STATE_KEY)
-        if tracker is not None:
-            app = scope.get("app")
-            last_app, binding = tracker._last_binding  # one read: threads may bind too
-            return binding if last_app is app else tracker._bind(app)
-    return _untracked_binding(scope.get("app"))
-
-
-_NO_APP = Binding(UNBOUND, None, None, traced=True)
-"""The binding of a collection whose request names no app: no sender, no
-observers, and the check for a recording span at every collection."""
-
-_NOT_BOUND: tuple[Any, Binding] = (object(), _NO_APP)  # a tracker's last binding, before any
-
-# Per app that no tracker serves (apps need not be hashable): its binding,
-# whose reporter holds the app weakly, so that an app that goes leaves nothing.
-_untracked: Memo[Binding] = {}
-
-
-def _untracked_binding(app: Any) -> Binding:
-    if app is None:
-        return _NO_APP
-    known = _untracked.get(id(app))
-    if known is not None and known[0]() is app:
-        return known[1]
-    try:
-        return remember(_untracked, app, Binding(AppReporter(app), None, None, traced=True))[1]
-    except TypeError:  # an app that cannot be weakly referenced: one per request
-        return Binding(Reporter(app), None, None, traced=True)
-
-
-class _Ledger:
-    """The tracker's books: live tasks, the bounded history, counts since
-    startup. The `TaskObserver` through which every transition reaches it."""
+class _Ledger(TaskObserver):
+    """The tracker's books: the live tasks, the bounded history, the counts
+    since startup. Changed on the event loop only (the `Reporter` hands a
+    worker thread's transitions over); read from anywhere."""
 
     def __init__(self, history_size: int, history_ttl: float | None) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        # The unfinished, by id: each handle, and the run that can cut it off,
-        # in the order queued. Per task: one insert, one removal.
+        # The unfinished, by id, in the order queued: each handle, and the
+        # collection that can cut it off.
         self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
-        # The finished, oldest first; past `history_size` the oldest drop out.
-        # Ending a task costs an append: they are indexed by id only when
-        # someone asks (`get`), in the status route's time, not the request's.
-        self.finished: deque[TaskHandle] = deque(maxlen=history_size)
-        self.ended = 0  # handles ever appended to `finished`: the n-th is number n
-        self._numbers: dict[str, int] = {}  # a finished handle's number, by id
-        self._numbered = 0  # `ended`, when `_numbers` last caught up
-        self.failed = self.abandoned = 0  # since startup
-        self.ended_before = 0  # `ended` at startup
+        # The finished, by id, oldest first.
+        self.history: OrderedDict[str, TaskHandle] = OrderedDict()
+        self.counts = {TaskStatus.DONE: 0, TaskStatus.FAILED: 0, TaskStatus.CANCELLED: 0}
         self.idle: anyio.Event | None = None
 
-    def task_queued(self, handle: TaskHandle, run: Cancellable) -> None:
-        self.live[handle.task_id] = (handle, run)
-
-    task_started = None  # the ledger books only arrivals and ends
+    def task_queued(self, handle: TaskHandle, tasks: Cancellable) -> None:
+        self.live[handle.task_id] = (handle, tasks)
 
     def task_ended(self, handle: TaskHandle) -> None:
-        live = self.live
-        live.pop(handle.task_id, None)
-        status = handle.status  # by identity: hashing an enum member is slow
-        if status is not DONE:  # the done are counted by difference (`done`)
-            if status is FAILED:
-                self.failed += 1
-            else:
-                self.abandoned += 1
-        self.finished.append(handle)
-        self.ended += 1
-        if not self.ended & 255:
-            # Now and then, not at every end: `get()` expires handles itself,
-            # and `history_size` bounds the memory meanwhile.
-            self.expire(time.perf_counter())
-        if not live and self.idle is not None:
-            self.idle.set()
-
-    @property
-    def done(self) -> int:
-        """Tasks done since startup."""
-        return self.ended - self.ended_before - self.failed - self.abandoned
+        self.live.pop(handle.task_id, None)
+        self.counts[handle.status] += 1
+        if self.history_size:
+            self.history[handle.task_id] = handle
+            if len(self.history) > self.history_size:
+                self.history.popitem(last=False)
+        self.expire()
+        self._check_idle()
 
     def task_handed_off(self, handle: TaskHandle) -> None:
         # Its record is the store's now (the worker writes it): neither in
         # flight here, nor in the history, where it would stay pending.
         self.live.pop(handle.task_id, None)
-        if self.idle is not None and not self.live:
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.live and self.idle is not None:
             self.idle.set()
+
+    def expire(self) -> None:
+        """Drop the finished handles older than `history_ttl` (the oldest are first)."""
+        if self.history_ttl is None:
+            return
+        horizon = time.monotonic() - self.history_ttl
+        while self.history:
+            oldest = next(iter(self.history.values()))
+            if (oldest.finished_clock or 0.0) > horizon:
+                break
+            self.history.popitem(last=False)
 
     def get(self, task_id: str) -> TaskHandle | None:
         entry = self.live.get(task_id)
         if entry is not None:
-            return entry[0]  # (handle, run)
-        self.expire(time.perf_counter())
-        finished = self.finished
-        if self._numbered != self.ended:
-            self._number(finished)
-        number = self._numbers.get(task_id)
-        oldest = self.ended - len(finished) + 1  # the number of `finished[0]`
-        if number is None or number < oldest:
-            return None  # unknown, or no longer in the history
-        return finished[number - oldest]
+            return entry[0]
+        handle = self.history.get(task_id)
+        if handle is None or self.history_ttl is None:
+            return handle
+        finished = handle.finished_clock or 0.0
+        return handle if finished > time.monotonic() - self.history_ttl else None
 
-    def _number(self, finished: deque[TaskHandle]) -> None:
-        """Number the handles that ended since the last call."""
-        numbers = self._numbers
-        fresh = self.ended - self._numbered
-        if fresh >= len(finished) or len(numbers) > 2 * len(finished) + 1024:
-            # Those that left the history are many: start afresh.
-            numbers.clear()
-            fresh = len(finished)
-        number = self.ended - fresh
-        for handle in itertools.islice(finished, len(finished) - fresh, None):
-            number += 1
-            numbers[handle.task_id] = number
-        self._numbered = self.ended
-
-    @property
     def in_flight(self) -> list[TaskHandle]:
-        return [handle for handle, _ in self.live.values()]
+        # list() copies the values in one step, so a reader in a worker
+        # thread never iterates the dict while the loop changes it.
+        return [handle for handle, _ in list(self.live.values())]
 
-    def expire(self, now: float) -> None:
-        """Drop finished handles older than `history_ttl` at `now` (`time.perf_counter()`)."""
-        finished = self.finished
-        ttl = self.history_ttl
-        if ttl is None:
+    def runs(self) -> list[Cancellable]:
+        """The collections of the live tasks, each once, in the order queued."""
+        return list(dict.fromkeys(tasks for _, tasks in list(self.live.values())))
+
+    async def wait_idle(self, seconds: float) -> None:
+        """Wait until no task is live, at most `seconds`."""
+        if not self.live:
             return
-        # Handles are appended as they finish, so the oldest is first.
-        while finished and (finished_mono(finished[0]) or 0.0) + ttl <= now:
-            finished.popleft()
-
-
-DONE = TaskStatus.DONE
-FAILED = TaskStatus.FAILED
+        self.idle = anyio.Event()
+        with anyio.move_on_after(seconds):
+            await self.idle.wait()
+        self.idle = None
 
 
 class TaskTracker:
     """Lifespan hook that tracks background tasks, serves their status and drains them.
 
     Pass `lifespan` (or `wrap(your_lifespan)`) to `FastAPI(...)` or
-    `Starlette(...)`. While the application runs, every task queued through
-    one of its requests is tracked: `get()` finds it by id, `in_flight` lists
-    those not yet finished. At shutdown the hook waits up to `drain_timeout`
-    seconds for them, then cancels what is left; every task cut off is logged
-    at WARNING and signalled with `task_abandoned`.
+    `Starlette(...)`, or call `install(app)`. While the application runs,
+    every task queued through one of its requests is tracked: `get()` finds
+    it by id, `in_flight` lists those not yet finished. At shutdown the hook
+    waits up to `drain_timeout` seconds for them, then cancels what is left;
+    every task cut off is logged at WARNING and signalled with `task_abandoned`.
 
     Parameters:
         drain_timeout: Seconds the lifespan shutdown waits for tasks still in
-            flight before cutting them off (`math.inf`: no limit). Servers
-            such as uvicorn wait for requests, background work included,
-            before the lifespan shutdown starts: see the README.
+            flight before cutting them off (`math.inf`: no limit). The whole
+            shutdown takes at most this plus `shutdown_grace`, whatever the
+            tasks, receivers and store do.
+        shutdown_grace: Seconds cut-off tasks get to report themselves lost
+            (their async `task_abandoned` receivers included); a task that
+            ignores its cancellation is reported lost and left behind, and so
+            is a receiver past it. Also bounds the store's last write.
         history_size: Finished handles kept for `get()`; the oldest go first.
         history_ttl: Seconds a finished handle is kept; `None` for no limit.
         thread_limit: If set, the number of worker threads sync tasks may use
@@ -241,18 +155,25 @@ class TaskTracker:
         store: A `TaskStore` shared by every process of the application
             (`SQLiteStore`, `RedisStore`, your own), so that `lookup()` and
             the status route answer for the tasks of all of them. Records are
-            written from behind, every 0.2 s, never on the request path. At
-            startup the store must answer (or the startup fails with its
-            error); later failures are logged and retried, and never fail a
-            request or a task.
-        lease_ttl: Seconds this process's lease in the store lasts; it is
-            renewed every third of that. Once it has lapsed (the process was
-            killed), its unfinished tasks answer status ``"lost"``.
+            written from behind, never on the request path. At startup the
+            store must answer (or the startup fails with its error); later
+            failures are logged and retried, and never fail a request or a task.
+        store_timeout: Seconds a store call made for a request (`lookup()`,
+            the status route) may take; past it the route answers 503.
+        lease_ttl: Seconds this process's lease in the store lasts (at least
+            1); it is renewed every third of that. Once it has lapsed (the
+            process was killed), its unfinished tasks answer status ``"lost"``.
         detach: Detached mode: once a request is done, its tasks are handed to
-            the tracker's own task group and the request ends at once, so the
-            server no longer counts background work as a request in flight;
-            the drain (`drain_timeout`) alone governs shutdown. The price: the
-            request's `yield` dependencies have exited before its tasks run.
+            the tracker and the request ends at once, so the server no longer
+            counts background work as a request in flight; the drain
+            (`drain_timeout`) alone governs shutdown. The price: the request's
+            `yield` dependencies have exited before its tasks run.
+        max_concurrent: With `detach`, how many requests' collections run at
+            once; the others wait, first come first served. `None`: no limit.
+        max_queued: With `max_concurrent`, how many collections may wait;
+            past it, `add_task()` raises `QueueFull`. `None`: no limit.
+        observers: `TaskObserver` objects told of every transition of every
+            tracked task (audit logs, metrics: `prometheus.PrometheusMetrics`).
 
     Raises `ValueError` for an argument out of its range, saying what is valid,
     and `TypeError` for a store that lacks methods of the `TaskStore` protocol.
@@ -264,34 +185,54 @@ class TaskTracker:
         self,
         *,
         drain_timeout: float = 30.0,
+        shutdown_grace: float = DEFAULT_GRACE,
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_ttl: float | None = DEFAULT_HISTORY_TTL,
         thread_limit: int | None = None,
         store: TaskStore | None = None,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
         lease_ttl: float = 30.0,
         detach: bool = False,
+        max_concurrent: int | None = None,
+        max_queued: int | None = None,
+        observers: Sequence[TaskObserver] = (),
     ) -> None:
-        if not _is_seconds(drain_timeout):
-            raise ValueError(
-                f"drain_timeout must be a number of seconds >= 0 (math.inf to wait"
-                f" for every task), got {drain_timeout!r}"
-            )
+        _check_seconds("drain_timeout", drain_timeout, " (math.inf to wait for every task)")
+        _check_seconds("shutdown_grace", shutdown_grace, "", finite=True)
         if not _is_count(history_size, 0):
             raise ValueError(
                 f"history_size must be an int >= 0 (0 keeps no finished handles),"
                 f" got {history_size!r}"
             )
-        if history_ttl is not None and not (_is_seconds(history_ttl) and history_ttl > 0):
-            raise ValueError(
-                f"history_ttl must be a number of seconds > 0, or None to keep handles"
-                f" until history_size pushes them out; got {history_ttl!r}"
-            )
+        if history_ttl is not None:
+            _check_seconds("history_ttl", history_ttl, ", or None for no limit", positive=True)
         if thread_limit is not None and not _is_count(thread_limit, 1):
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
         if not isinstance(detach, bool):
             raise ValueError(f"detach must be True or False, got {detach!r}")
-        if not (_is_seconds(lease_ttl) and 0 < lease_ttl < math.inf):
-            raise ValueError(f"lease_ttl must be a number of seconds > 0, got {lease_ttl!r}")
+        _check_seconds("lease_ttl", lease_ttl, " (it is renewed every third of it)", least=1.0)
+        _check_seconds("store_timeout", store_timeout, "", positive=True, finite=True)
+        if max_concurrent is not None and not _is_count(max_concurrent, 1):
+            raise ValueError(
+                f"max_concurrent must be an int >= 1 (collections run at once), or None"
+                f" for no limit; got {max_concurrent!r}"
+            )
+        if max_queued is not None and not _is_count(max_queued, 0):
+            raise ValueError(
+                f"max_queued must be an int >= 0 (collections waiting), or None for no"
+                f" limit; got {max_queued!r}"
+            )
+        if max_concurrent is not None and not detach:
+            raise ValueError(
+                "max_concurrent limits detached runs: pass detach=True too (without it,"
+                " each request runs its own tasks; limit a function with"
+                " @task(concurrency=N) instead)"
+            )
+        if max_queued is not None and max_concurrent is None:
+            raise ValueError(
+                "max_queued bounds the collections waiting for max_concurrent: pass"
+                " detach=True and max_concurrent=N too"
+            )
         if store is not None:
             missing = [name for name in STORE_METHODS if not callable(getattr(store, name, None))]
             if missing:
@@ -299,23 +240,37 @@ class TaskTracker:
                     f"store must implement the TaskStore protocol ({', '.join(STORE_METHODS)});"
                     f" {type(store).__name__} lacks {', '.join(missing)}"
                 )
+        for observer in observers:
+            if not isinstance(observer, TaskObserver):
+                raise TypeError(
+                    f"observers must be TaskObserver instances (subclass"
+                    f" fastapi_bgplus.TaskObserver), got {type(observer).__name__!r}"
+                )
         self.drain_timeout = drain_timeout
+        self.shutdown_grace = shutdown_grace
         self.thread_limit = thread_limit
         self.detach = detach
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
         self.store = store
+        self.store_timeout = store_timeout
         self.lease_ttl = lease_ttl
-        self._task_group: anyio.abc.TaskGroup | None = None  # detached runs, while serving
         self._ledger = _Ledger(history_size, history_ttl)
-        self._observers: tuple[TaskObserver, ...] = (self._ledger,)
-        self._serving = False
-        self._cutoff: Cutoff = ON_TRIO  # set at startup
-        self._bindings: dict[int, Binding] = {}  # by the id of the app
-        # The app that asked last, and its binding: most servers serve one app.
-        self._last_binding: tuple[Any, Binding] = _NOT_BOUND
+        self._user_observers = tuple(observers)
+        self._writer: StoreWriter | None = None
+        self._loop: Loop | None = None
+        self._slots: anyio.Semaphore | None = None
+        self._waiting = 0  # detached collections waiting for a slot
+        _idle_trackers.add(self)
 
     def __repr__(self) -> str:
         ledger = self._ledger
-        return f"<TaskTracker in_flight={len(ledger.live)} history={len(ledger.finished)}>"
+        return f"<TaskTracker in_flight={len(ledger.live)} history={len(ledger.history)}>"
+
+    @property
+    def serving(self) -> bool:
+        """Whether its lifespan runs (it tracks tasks only then)."""
+        return self._loop is not None
 
     @property
     def history_size(self) -> int:
@@ -329,9 +284,25 @@ class TaskTracker:
 
     @property
     def observers(self) -> tuple[TaskObserver, ...]:
-        """Who hears the transitions of the tasks this tracker tracks (bound
-        to each request's collection by `TrackedBackgroundTasks.for_request`)."""
-        return self._observers
+        """Who hears the transitions of the tracked tasks: the tracker's own
+        books, the store writer while serving, then the `observers` given."""
+        own: tuple[TaskObserver, ...] = (self._ledger,)
+        if self._writer is not None:
+            own += (self._writer,)
+        return own + self._user_observers
+
+    @property
+    def loop(self) -> Loop:
+        """The event loop it serves on; raises `NotServing` when not serving."""
+        if self._loop is None:
+            raise NotServing(NOT_SERVING)
+        return self._loop
+
+    def reporter(self, app: Any, span: SpanObserver | None = None) -> Reporter:
+        """The `Reporter` of a request's collection in `app` (with `span`, the
+        observer of its tasks' spans, when a span records)."""
+        observers = self.observers if span is None else (*self.observers, span)
+        return Reporter(app, observers, self.loop, self.shutdown_grace)
 
     # Lookup
 
@@ -341,58 +312,58 @@ class TaskTracker:
         Only this process's tasks: see `lookup()` for those of every process."""
         return self._ledger.get(task_id)
 
-    async def lookup(self, task_id: str) -> dict[str, Any] | None:
+    @property
+    def in_flight(self) -> list[TaskHandle]:
+        """Handles of the tracked tasks that have not finished, oldest first."""
+        return self._ledger.in_flight()
+
+    async def lookup(self, task_id: str | None) -> dict[str, Any] | None:
         """The `TaskHandle.to_dict()` record of a task of any process sharing
         the store, or `None` if it is unknown, expired or malformed.
 
         This process's own tasks are answered from memory, at once; others
         from the store, where an unfinished task whose process's lease has
-        lapsed answers status ``"lost"``. Without a store, only this
-        process's tasks are known. Raises what the store raises when it
-        cannot be reached (the status route answers `503` then).
+        lapsed answers status ``"lost"``. Ids are lowercase hex; an uppercase
+        spelling is accepted. Without a store, only this process's tasks are
+        known. Raises `NotServing` if the lifespan is not running, and what
+        the store raises when it cannot be reached, or `TimeoutError` past
+        `store_timeout` (the status route answers `503` for each).
         """
+        if not self.serving:
+            raise NotServing(NOT_SERVING)
+        if not isinstance(task_id, str) or not _is_task_id(task_id.lower()):
+            return None
+        task_id = task_id.lower()
         handle = self._ledger.get(task_id)
         if handle is not None:
             return handle.to_dict()
         store = self.store
-        if store is None or not _TASK_ID.fullmatch(task_id):
+        if store is None:
             return None
-        record = await store.get(task_id)
-        if record is None:
-            return None
-        owner = record.pop("owner", None)
-        if record["status"] in UNFINISHED and not (
-            isinstance(owner, str) and await store.lease_alive(owner)
-        ):
-            record["status"] = TaskStatus.LOST.value
+        with anyio.fail_after(self.store_timeout):
+            record = await store.get(task_id)
+            if record is None:
+                return None
+            owner = record.pop("owner", None)
+            if record["status"] in UNFINISHED and not (
+                isinstance(owner, str) and await store.lease_alive(owner)
+            ):
+                record["status"] = TaskStatus.LOST.value
         return record
-
-    @property
-    def in_flight(self) -> list[TaskHandle]:
-        """Handles of the tracked tasks that have not finished, oldest first."""
-        return self._ledger.in_flight
 
     def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
         """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
 
         It answers from `lookup()`: with a store, for the tasks of every
-        process sharing it. Unknown, expired or malformed ids get `404`, and
-        `503` if the store cannot be reached; OpenAPI documents the record's
-        fields. Keyword arguments go to `fastapi.APIRouter` (``tags=``,
-        ``dependencies=`` for auth, ...).
+        process sharing it. Unknown, expired or malformed ids get `404`;
+        `503` if the store cannot be reached in `store_timeout`, or if the
+        tracker's lifespan is not running (the detail says how to install
+        it). OpenAPI documents the record's fields. Keyword arguments go to
+        `fastapi.APIRouter` (``tags=``, ``dependencies=`` for auth, ...).
         """
-        from fastapi import HTTPException
-
         from ._router import status_router
 
-        async def lookup(task_id: str) -> dict[str, Any] | None:
-            try:
-                return await self.lookup(task_id)
-            except Exception as exc:
-                # Not logged per request: the store's writer warns, once per window.
-                raise HTTPException(status_code=503, detail="Task store unavailable") from exc
-
-        return status_router(lookup, prefix, **kwargs)
+        return status_router(self.lookup, prefix, **kwargs)
 
     # Lifespan
 
@@ -402,9 +373,8 @@ class TaskTracker:
 
         Raises `RuntimeError` if this tracker already serves an application.
         """
-        with self._serving_guard():
-            async with self._draining():
-                yield {_STATE_KEY: self}
+        async with self._serving():
+            yield {STATE_KEY: self}
 
     def wrap(
         self, lifespan: Lifespan
@@ -418,190 +388,201 @@ class TaskTracker:
 
         @asynccontextmanager
         async def wrapped(app: Any) -> AsyncIterator[dict[str, Any]]:
-            # Checked before the wrapped startup runs, so it never runs twice.
-            with self._serving_guard():
-                async with lifespan(app) as state, self._draining():
-                    yield {**(state or {}), _STATE_KEY: self}
+            self._check_idle()  # before the wrapped startup runs, so it never runs twice
+            async with lifespan(app) as state, self._serving():
+                yield {**(state or {}), STATE_KEY: self}
 
         return wrapped
 
-    @contextmanager
-    def _serving_guard(self) -> Iterator[None]:
-        if self._serving:
+    def install(self, app: Any) -> None:
+        """Install the tracker into `app` (Starlette or FastAPI), whatever its
+        lifespan style: a ``lifespan=``, old-style ``on_event("startup")`` /
+        ``add_event_handler`` handlers (which keep running), or none.
+
+        It wraps what the app's router runs at startup and shutdown, as
+        `wrap()` does: the app's own startup first, the drain before its
+        shutdown. Call it once, before the app starts."""
+        router = getattr(app, "router", None)
+        if router is None or not hasattr(router, "lifespan_context"):
+            raise TypeError(
+                f"install() takes a Starlette or FastAPI application, got {type(app).__name__!r};"
+                f" for another ASGI framework, run tracker.lifespan(app) in its lifespan"
+            )
+        router.lifespan_context = self.wrap(router.lifespan_context)
+
+    def _check_idle(self) -> None:
+        if self.serving:
             raise RuntimeError(
                 "This TaskTracker is already serving an application; create one"
                 " TaskTracker per application (or per worker process)"
             )
-        self._serving = True
-        try:
-            yield
-        finally:
-            self._serving = False
 
     @asynccontextmanager
-    async def _draining(self) -> AsyncIterator[None]:
+    async def _serving(self) -> AsyncIterator[None]:
+        self._check_idle()
         ledger = self._ledger
-        ledger.failed = ledger.abandoned = 0
-        ledger.ended_before = ledger.ended
-        self._cutoff = ON_TRIO if current_library() == "trio" else asyncio.get_running_loop()
-        self._unbind()
+        ledger.counts = dict.fromkeys(ledger.counts, 0)
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
-        async with self._detached_runs():
-            if self.store is None:
+        if self.max_concurrent is not None:
+            self._slots = anyio.Semaphore(self.max_concurrent)
+        if self.store is not None:
+            await self._start_writer(self.store)
+        self._loop = Loop()
+        _idle_trackers.discard(self)
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                if self._writer is not None:
+                    group.start_soon(self._writer.run)
                 try:
                     yield
+                except BaseException as exc:
+                    # Raised again below, as it is: from inside the task
+                    # group it would come out wrapped in an exception group.
+                    error = exc
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._drain()
-                return
-            writer = await self._start_writer(self.store)
-            error: BaseException | None = None
-            try:
-                async with anyio.create_task_group() as group:
-                    group.start_soon(writer.run)
-                    try:
-                        yield
-                    except BaseException as exc:
-                        # Raised again below, as it is: from inside the task
-                        # group it would come out wrapped in an exception group.
-                        error = exc
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await self._drain()
-                        group.cancel_scope.cancel()
-                if error is not None:
-                    raise error
-            finally:
-                # The tasks are drained and the loop has stopped: write the
-                # last records (those of tasks cut off included), within a bound.
+                    group.cancel_scope.cancel()
+            if error is not None:
+                raise error
+        finally:
+            if self._writer is not None:
+                # The tasks are drained: write the last records (those of the
+                # tasks cut off included), within the grace.
                 with anyio.CancelScope(shield=True):
-                    await writer.close()
-                self._set_observers((ledger,))
+                    await self._writer.close(self.shutdown_grace)
+                self._writer = None
+            self._loop = None
+            _idle_trackers.add(self)
 
-    async def _start_writer(self, store: TaskStore) -> StoreWriter:
+    async def _start_writer(self, store: TaskStore) -> None:
         writer = StoreWriter(store, lease_ttl=self.lease_ttl, history_ttl=self._ledger.history_ttl)
         try:
-            await writer.start()
+            with anyio.fail_after(self.store_timeout):
+                await writer.start()
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                await store.aclose()  # what it opened before failing
+            with anyio.move_on_after(self.shutdown_grace, shield=True):
+                try:
+                    await store.aclose()  # what it opened before failing
+                except Exception as close_error:
+                    logger.debug("Closing the task store failed: %r", close_error)
             raise RuntimeError(
                 f"TaskTracker could not reach its task store {store!r} at startup:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
-        self._set_observers((self._ledger, writer))
-        return writer
-
-    def _set_observers(self, observers: tuple[TaskObserver, ...]) -> None:
-        self._observers = observers
-        self._unbind()  # the bindings hold the observers they were built with
-
-    def _bind(self, app: Any) -> Binding:
-        """The binding of `app`'s collections, built at its first request
-        since startup, and remembered as the last app's."""
-        # By id: the binding's reporter holds the app, so the id stays its own.
-        binding = self._bindings.get(id(app))
-        if binding is None:
-            binding = self._bindings[id(app)] = Binding(
-                Reporter(app, self.observers),
-                self._cutoff,
-                self.spawn if self.detach else None,
-                provider_set(),
-            )
-        self._last_binding = (app, binding)
-        return binding
-
-    def _unbind(self) -> None:
-        self._bindings = {}
-        self._last_binding = _NOT_BOUND
+        self._writer = writer
 
     # Detached mode
 
-    @asynccontextmanager
-    async def _detached_runs(self) -> AsyncIterator[None]:
-        """With ``detach=True``, the task group of the requests' detached runs,
-        open from startup until the drain is over."""
-        if not self.detach:
-            yield
-            return
-        async with anyio.create_task_group() as task_group:
-            self._task_group = task_group
-            try:
-                yield
-            finally:
-                self._task_group = None
-                # The drain has ended every run or reported it lost; one that
-                # ignored its cancellation must not hold the shutdown up.
-                task_group.cancel_scope.cancel()
+    def check_room(self) -> None:
+        """Raise `QueueFull` if a new detached collection could neither run
+        nor wait (``max_queued``); called at a collection's first `add_task`."""
+        if (
+            self.max_queued is not None
+            and self._slots is not None
+            and self._slots.value == 0
+            and self._waiting >= self.max_queued
+        ):
+            raise QueueFull(
+                f"The background task queue is full: {self.max_concurrent} request(s)'"
+                f" tasks run and {self._waiting} wait (max_queued={self.max_queued});"
+                f" try again later"
+            )
 
-    def spawn(self, run: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
-        """Start `run` in the tracker's task group (detached mode), in a copy
-        of the caller's context; `False` if there is none (not serving, or
-        ``detach=False``). A request's collection hands itself over this way."""
-        task_group = self._task_group
-        if task_group is None:
-            return False
-        task_group.start_soon(run)
-        return True
+    def run_detached(self, run: Callable[[], Awaitable[None]]) -> None:
+        """Start a request's collection (`run`) in a task of its own, in a copy
+        of the request's context; with `max_concurrent`, once a slot is free."""
+        slots = self._slots
+        if slots is None:
+            self.loop.spawn(run)
+            return
+
+        async def in_turn() -> None:
+            self._waiting += 1
+            try:
+                await slots.acquire()
+            finally:
+                self._waiting -= 1
+            try:
+                await run()
+            finally:
+                slots.release()
+
+        self.loop.spawn(in_turn)
+
+    # Shutdown
 
     async def _drain(self) -> None:
         ledger = self._ledger
-        started = time.perf_counter()
+        started = time.monotonic()
         in_flight = len(ledger.live)
-        if ledger.live:
+        if in_flight:
             logger.info(
                 "Shutting down: waiting up to %s s for %d background task(s)",
                 self.drain_timeout,
                 in_flight,
             )
-            await self._wait_idle(self.drain_timeout)
+            await ledger.wait_idle(self.drain_timeout)
         if ledger.live:
-            await self._cut_off(
-                f"the application shut down and drain_timeout ({self.drain_timeout} s) ran out"
-            )
+            reason = f"the application shut down and drain_timeout ({self.drain_timeout} s) ran out"
+            for run in ledger.runs():
+                run.cancel(reason)
+            # The cancelled runs report their own losses as they unwind.
+            await ledger.wait_idle(self.shutdown_grace)
+            for run in ledger.runs():
+                # Still running: a task that swallowed its cancellation, or a
+                # slow receiver. Reported lost now, and left behind.
+                run.cancel(f"{reason}, and it did not stop within shutdown_grace")
+        counts = ledger.counts
+        abandoned = counts[TaskStatus.CANCELLED]
         logger.log(
-            logging.WARNING if ledger.abandoned else logging.INFO,
+            logging.WARNING if abandoned else logging.INFO,
             "Background tasks drained in %.2f s (%d in flight at shutdown);"
             " since startup: %d done, %d failed, %d abandoned",
-            time.perf_counter() - started,
+            time.monotonic() - started,
             in_flight,
-            ledger.done,
-            ledger.failed,
-            ledger.abandoned,
+            counts[TaskStatus.DONE],
+            counts[TaskStatus.FAILED],
+            abandoned,
         )
 
-    async def _wait_idle(self, seconds: float) -> None:
-        ledger = self._ledger
-        ledger.idle = anyio.Event()
-        with anyio.move_on_after(seconds):
-            await ledger.idle.wait()
-        ledger.idle = None
 
-    async def _cut_off(self, reason: str) -> None:
-        live = self._ledger.live
-        for run in {run for _, run in live.values()}:
-            await run.cancel(reason)
-        if live:
-            # The cancelled runs report their own losses as they unwind.
-            await self._wait_idle(_UNWIND_GRACE)
-        for run in {run for _, run in live.values()}:
-            # A task that swallowed its cancellation is still reported lost.
-            await run.cancel(reason)
+def _is_task_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def _is_count(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _is_seconds(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and not math.isnan(value)
-        and value >= 0
-    )
-
-
-_UNWIND_GRACE = 5.0
-"""Seconds the drain gives cancelled tasks to report themselves lost."""
+def _check_seconds(
+    name: str,
+    value: object,
+    hint: str,
+    *,
+    positive: bool = False,
+    finite: bool = False,
+    least: float | None = None,
+) -> None:
+    """Refuse what is not a number of seconds in range, huge ints included."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except OverflowError:
+            ok = False
+        else:
+            ok = not math.isnan(seconds) and (seconds > 0 if positive else seconds >= 0)
+            ok = ok and not (finite and math.isinf(seconds))
+            ok = ok and (least is None or least <= seconds < math.inf)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        if least is not None:
+            bound = f">= {least}"
+            finite = True
+        finite_note = ", finite" if finite else ""
+        raise ValueError(
+            f"{name} must be a number of seconds {bound}{finite_note}{hint}; got {value!r}"
+        )

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
-from ._eventloop import current_library
+from ._backend import current_library
 from ._handle import TaskHandle
-from ._lifecycle import Reporter
+from ._report import Reporter
+from ._store import FINISHED
 from ._tracker import DEFAULT_HISTORY_TTL
 
 if TYPE_CHECKING:
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._store import Record, TaskStore
 
-__all__ = ["QUEUED", "TrackingMiddleware"]
+__all__ = ["POLL_INTERVAL", "QUEUED", "TrackingMiddleware"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -42,6 +45,10 @@ _TRIO = (
     " or call the task in-process"
 )
 
+
+POLL_INTERVAL = 0.5
+"""Seconds between two reads of the task store by `TaskHandle.wait()` for a
+task handed to taskiq."""
 
 QUEUED = "taskiq-queued"
 """The lease of tasks waiting in a queue: renewed by every process whose broker
@@ -87,7 +94,30 @@ class _Sender:
                     # Its `pre_send` wrote the record `pending`.
                     await middleware.write(handle)
             return
-        report.handed_off(handle, func)
+        report.handed_off(handle, functools.partial(_wait_in_store, func, handle.task_id))
+
+
+async def _wait_in_store(func: AsyncTaskiqDecoratedTask[Any, Any], task_id: str) -> None:
+    """`TaskHandle.wait()` of a task sent to taskiq: poll the store that the
+    broker's `TrackingMiddleware` writes, until the task has ended."""
+    tracking = [m for m in func.broker.middlewares if isinstance(m, TrackingMiddleware)]
+    if not tracking:
+        raise RuntimeError(
+            f"Background task {task_id} ({func.task_name}) was handed to taskiq, and its"
+            f" broker has no TrackingMiddleware, so nothing records its end; add"
+            f" broker.with_middlewares(TrackingMiddleware(store)) to wait for it, or"
+            f" use taskiq's own result backend"
+        )
+    store = tracking[0].store
+    while True:
+        record = await store.get(task_id)
+        if record is not None:
+            if record["status"] in FINISHED:
+                return
+            owner = record.get("owner")
+            if isinstance(owner, str) and not await store.lease_alive(owner):
+                return  # lost: its worker died without reporting an end
+        await anyio.sleep(POLL_INTERVAL)
 
 
 class TrackingMiddleware(TaskiqMiddleware):
@@ -196,9 +226,7 @@ class TrackingMiddleware(TaskiqMiddleware):
             )
 
     def _handle(self, message: TaskiqMessage) -> TaskHandle:
-        handle = TaskHandle(message.task_name)
-        handle.task_id = message.task_id
-        return handle
+        return TaskHandle(message.task_name, message.task_id)
 
     # Sending (in the web app, or wherever `kiq` is called)
 
@@ -227,8 +255,7 @@ class TrackingMiddleware(TaskiqMiddleware):
             # Delivered again (its worker died): one more attempt.
             handle.attempts = int(earlier.get("attempts") or 0)
         self._running[message.task_id] = handle
-        if (signal := self.reporter.started(handle, self._func(message))) is not None:
-            await signal
+        await self.reporter.started(handle, self._func(message))
         await self.write(handle)
         return message
 
@@ -247,8 +274,7 @@ class TrackingMiddleware(TaskiqMiddleware):
         handle = self._running.pop(message.task_id, None)
         if handle is None:  # failed: `on_error` reported it
             return
-        if (signal := self.reporter.completed(handle, self._func(message))) is not None:
-            await signal
+        await self.reporter.completed(handle, self._func(message))
         await self.write(handle)
         self._created.pop(message.task_id, None)
 

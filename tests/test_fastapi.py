@@ -788,8 +788,7 @@ async def test_a_task_reported_lost_keeps_its_cancelled_status_when_it_ends(
 ) -> None:
     """A task that swallows its cancellation outlives the drain: it is reported
     lost then, and whatever it does afterwards does not change that."""
-    monkeypatch.setattr("fastapi_bgplus._tracker._UNWIND_GRACE", 0.0)
-    tracker = TaskTracker(drain_timeout=0)
+    tracker = TaskTracker(drain_timeout=0, shutdown_grace=0)
     app = FastAPI()
     served = Served(app, tracker)
     running, release = anyio.Event(), anyio.Event()

@@ -7,14 +7,12 @@ import json
 import re
 import time
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
 
-from fastapi_bgplus import TaskHandle, TaskStatus, TrackedBackgroundTasks, _handle
-from fastapi_bgplus._lifecycle import Reporter
+from fastapi_bgplus import TaskHandle, TaskStatus, TrackedBackgroundTasks
 
 pytestmark = pytest.mark.anyio
 
@@ -112,29 +110,6 @@ def test_a_new_handle_is_pending_with_no_start_or_end() -> None:
     # The wall clock, within rounding to the microsecond.
     slack = timedelta(milliseconds=1)
     assert before - slack <= handle.created_at <= after + slack
-
-
-def test_a_step_of_the_system_clock_shows_in_handles_made_a_second_later(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A handle reads the monotonic clock only; the wall clock's offset from
-    # it is read again once it is a second old. Both clocks are faked here.
-    clocks = {"wall": 1_700_000_000.0, "mono": time.perf_counter() + 10.0}
-    for name in ("_epoch", "_epoch_due"):  # restored after the test, for later handles
-        monkeypatch.setattr(_handle, name, getattr(_handle, name))
-    monkeypatch.setattr(_handle, "_monotonic", lambda: clocks["mono"])
-    monkeypatch.setattr(_handle, "time", SimpleNamespace(time=lambda: clocks["wall"]))
-
-    def wall(handle: TaskHandle) -> float:
-        return handle.created_at.timestamp()
-
-    assert wall(TaskHandle("t")) == pytest.approx(clocks["wall"])
-    clocks["wall"] += 3600.0  # the system clock is stepped an hour ahead
-    clocks["mono"] += 0.5
-    assert wall(TaskHandle("t")) == pytest.approx(clocks["wall"] - 3600.0)
-    clocks["wall"] += 0.6
-    clocks["mono"] += 0.6  # over a second since the offset was read
-    assert wall(TaskHandle("t")) == pytest.approx(clocks["wall"])
 
 
 async def test_a_done_task_has_ordered_utc_timestamps_and_a_duration() -> None:
@@ -326,24 +301,3 @@ async def test_many_waiters_on_one_handle_all_wake() -> None:
         gate.set()
     assert sorted(woke) == [0, 1, 2]
     assert handle.status == "done"
-
-
-async def test_waiting_on_a_handed_off_task_says_where_to_look() -> None:
-    """A task sent to a queue (taskiq) ends in a worker this process never hears
-    from: `wait()` says so, also to a caller already waiting when it left."""
-    handle = TaskHandle("app.send_email")
-    outcomes: list[str] = []
-
-    async def waiter() -> None:
-        with pytest.raises(RuntimeError, match=r"handed to a queue .*tracker\.lookup"):
-            await handle.wait()
-        outcomes.append("told")
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
-        Reporter(None).handed_off(handle, fail_with)
-    assert outcomes == ["told"]
-    assert handle.status == "pending"
-    with pytest.raises(RuntimeError, match="handed to a queue"):
-        await handle.wait()

@@ -270,7 +270,7 @@ async def test_a_process_cut_off_from_the_store_has_its_running_tasks_answer_los
     doomed = FlakyStore()
     doomed._records = shared._records  # one store, seen through a link that breaks
     doomed._leases = shared._leases
-    here = TaskTracker(store=doomed, lease_ttl=0.3, drain_timeout=0)
+    here = TaskTracker(store=doomed, lease_ttl=1.0, drain_timeout=0)
     there = TaskTracker(store=shared)
     running = anyio.Event()
 
@@ -287,7 +287,7 @@ async def test_a_process_cut_off_from_the_store_has_its_running_tasks_answer_los
         doomed.failing = True
         started = anyio.current_time()
         assert await eventually(there, handle.task_id, "lost")
-        assert anyio.current_time() - started < 0.3 + 0.3
+        assert anyio.current_time() - started < 1.0 + 0.5
         assert await here.lookup(handle.task_id) == handle.to_dict()  # it knows better
         assert handle.status == "running"
         group.cancel_scope.cancel()
@@ -388,11 +388,11 @@ async def test_one_warning_per_window_and_a_bounded_buffer(
         clock.now = now
         assert not await writer.flush()
     assert len(store_warnings(caplog)) == 1
-    assert "1 dropped since the last warning" in store_warnings(caplog)[0]
+    assert "1 dropped from the full buffer since" in store_warnings(caplog)[0]
     clock.now = 31.0
     assert not await writer.flush()
     assert len(store_warnings(caplog)) == 2
-    assert "0 dropped" in store_warnings(caplog)[1]
+    assert "dropped" not in store_warnings(caplog)[1]
     # The finished records go first; then, with only unfinished ones left, the oldest.
     newer = handles(3)
     for handle in newer:
@@ -482,11 +482,10 @@ async def test_tasks_cut_off_at_shutdown_are_written_after_the_drain() -> None:
 async def test_shutdown_does_not_wait_for_a_hung_store_past_its_bound(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("fastapi_bgplus._store.SHUTDOWN_TIMEOUT", 0.1)
     store = FlakyStore()
     store.hold = anyio.Event()  # never set
 
-    tracker = TaskTracker(store=store)
+    tracker = TaskTracker(store=store, shutdown_grace=0.1)
     with anyio.fail_after(DEADLINE):
         async with tracker.lifespan(None) as state:
             await run_tasks(state, 2)
@@ -647,9 +646,9 @@ def test_the_status_route_answers_for_other_processes_and_503_without_the_store(
 # Configuration
 
 
-@pytest.mark.parametrize("lease_ttl", [0, -1.0, math.nan, math.inf, "30", True])
-def test_lease_ttl_must_be_positive_seconds(lease_ttl: Any) -> None:
-    with pytest.raises(ValueError, match="lease_ttl must be a number of seconds > 0"):
+@pytest.mark.parametrize("lease_ttl", [0, -1.0, 0.5, 1e-6, math.nan, math.inf, 10**400, "30", True])
+def test_lease_ttl_must_be_at_least_a_second(lease_ttl: Any) -> None:
+    with pytest.raises(ValueError, match=r"lease_ttl must be a number of seconds >= 1\.0, finite"):
         TaskTracker(store=MemoryStore(), lease_ttl=lease_ttl)
 
 

@@ -487,7 +487,7 @@ async def test_a_cut_off_at_the_same_time_as_another_cancel_still_propagates(
 
         async def cut_off_and_cancel() -> None:
             await started.wait()
-            await tasks.cancel("the drain cut it off")
+            tasks.cancel("the drain cut it off")
             outer.cancel()
 
         async with anyio.create_task_group() as tg:
@@ -529,7 +529,7 @@ async def test_a_native_cancel_with_the_cut_off_propagates() -> None:
 
         async def cut_off_and_cancel() -> None:
             await started.wait()
-            await tasks.cancel("the drain cut it off")
+            tasks.cancel("the drain cut it off")
             host.cancel()
 
         async with anyio.create_task_group() as tg:

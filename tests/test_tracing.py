@@ -19,6 +19,7 @@ import anyio
 import fastapi
 import httpx2
 import pytest
+import stamina
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -30,13 +31,11 @@ from opentelemetry.trace import Link, SpanKind, StatusCode
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
-from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, TrackedBackgroundTasks
-from fastapi_bgplus import _lifecycle as lifecycle
+from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks, task
 from fastapi_bgplus._tracing import (
     current_observer,
     extract_context,
     inject_context,
-    span_observer,
 )
 
 from ._subprocess import run_python
@@ -289,8 +288,7 @@ async def test_a_task_that_swallows_its_cancellation_at_shutdown_is_still_ended(
 ) -> None:
     # The drain reports it from its own task: the span ends there, and the
     # context attached in the request's task is left to that task.
-    monkeypatch.setattr("fastapi_bgplus._tracker._UNWIND_GRACE", 0.0)
-    tracker = TaskTracker(drain_timeout=0)
+    tracker = TaskTracker(drain_timeout=0, shutdown_grace=0)
     stubborn = Stubborn()
 
     async def request(state: Mapping[str, Any]) -> None:
@@ -327,14 +325,15 @@ async def test_nothing_is_traced_without_a_recording_span(
 async def test_each_retry_is_an_event_on_the_one_span(
     spans: InMemorySpanExporter, no_receivers: None
 ) -> None:
-    with tracer.start_as_current_span("request"):
-        observer = current_observer()
-        assert observer is not None
-        handle = TaskHandle("tests.test_tracing.fails")
-        report = lifecycle.Reporter(None, [observer])
-        for _ in range(3):
-            assert report.started(handle, fails) is None
-        await report.failed(handle, fails, Boom())
+    @task(attempts=3, retry_on=Boom)
+    async def flaky() -> None:
+        raise Boom
+
+    with stamina.set_testing(True, attempts=3), tracer.start_as_current_span("request"):
+        tasks = TrackedBackgroundTasks.for_request({"type": "http"})
+        handle = tasks.add_task(flaky)
+        await tasks.run()
+    assert handle.attempts == 3
 
     (span,) = named(spans, SPAN)
     assert [(event.name, dict(event.attributes or {})) for event in span.events] == [
@@ -358,32 +357,6 @@ async def test_the_trace_context_travels_in_a_dict(spans: InMemorySpanExporter) 
     (worker,) = named(spans, "in the worker")
     assert worker.context.trace_id == request.get_span_context().trace_id
     assert parent_id(worker) == span_id(request)
-
-
-async def test_a_task_run_elsewhere_continues_the_trace_it_was_sent_from(
-    spans: InMemorySpanExporter, no_receivers: None
-) -> None:
-    # As a taskiq worker would: the labels carry the request's trace context.
-    with tracer.start_as_current_span("request") as request:
-        labels = inject_context()
-    assert current_observer() is None  # no span in the worker
-
-    received = extract_context(labels)
-    assert received is not None
-    token = otel_context.attach(received)
-    try:
-        observer = span_observer()
-        handle = TaskHandle("tests.test_tracing.noop")
-        report = lifecycle.Reporter(None, [observer])
-        assert report.started(handle, noop) is None
-        assert report.completed(handle, noop) is None
-    finally:
-        otel_context.detach(token)
-
-    (span,) = named(spans, SPAN)
-    assert span.context.trace_id == request.get_span_context().trace_id
-    assert parent_id(span) == span_id(request)
-    assert attributes(span)[TASK_ID] == handle.task_id
 
 
 # Against FastAPI's own spans, under its native telemetry (on by default in
@@ -506,15 +479,3 @@ def test_the_readme_snippet_runs_and_prints_the_task_span() -> None:
         " 'fastapi_bgplus.task.id': '"
     ), output
     assert "ada@example.com" not in last
-
-
-async def test_a_task_handed_off_to_a_queue_gets_no_span_here(
-    spans: InMemorySpanExporter, no_receivers: None
-) -> None:
-    """Its span is the worker's, continuing the trace from the message."""
-    with tracer.start_as_current_span("request"):
-        observer = current_observer()
-        assert observer is not None
-        handle = TaskHandle("tests.test_tracing.noop")
-        lifecycle.Reporter(None, [observer]).handed_off(handle, noop)
-    assert named(spans, SPAN) == []

@@ -1,0 +1,404 @@
+"""`TrackedBackgroundTasks`: a request's tasks, queued, run one by one, closed."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
+
+import anyio
+import anyio.to_thread
+from starlette.background import BackgroundTask
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+from starlette.requests import HTTPConnection
+from starlette.types import Scope
+
+from ._backend import Cutoff
+from ._handle import TaskHandle, TaskStatus, callable_name, check_callable, running_task
+from ._limiter import current_thread_limiter
+from ._report import Reporter
+from ._tracing import current_observer
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from ._tracker import TaskTracker
+
+__all__ = ["TaskRunner", "TrackedBackgroundTasks", "call", "run_task"]
+
+logger = logging.getLogger("fastapi_bgplus")
+
+P = ParamSpec("P")
+
+STATE_KEY = "fastapi_bgplus.tracker"
+"""Where a serving tracker puts itself in the lifespan state (``scope["state"]``)."""
+
+
+class TaskRunner(Protocol):
+    """Runs one task through `report`: the plain call (`run_task`), a task
+    with options (`fastapi_bgplus.task`), a taskiq task sent to its broker."""
+
+    async def __call__(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
+        """Run `task`, whose handle is `handle`, reporting each transition;
+        raise only what is not the task's own failure (cancellation)."""
+
+
+class TrackedBackgroundTasks(StarletteBackgroundTasks):
+    """A collection of background tasks that runs each one isolated and tracked.
+
+    A drop-in for Starlette's and FastAPI's `BackgroundTasks`: `add_task()`
+    takes the same arguments and returns a `TaskHandle`. The tasks run once,
+    one after the other in the order added; one that raises is logged and
+    marked failed, and the next still runs. `def` tasks run in worker threads
+    under a dedicated limiter (see `current_thread_limiter()`).
+
+    In FastAPI, annotate parameters with `fastapi_bgplus.BackgroundTasks` to
+    receive the request's collection. Elsewhere, build one and hand it to a
+    response: ``Response(..., background=BackgroundTasks())``, or
+    `for_request(request)` to have it tracked by the app's `TaskTracker`.
+
+    Parameters:
+        tasks: Starlette `BackgroundTask` objects to queue, in order; each gets
+            a handle of its own in `handles`.
+    """
+
+    def __init__(self, tasks: Sequence[BackgroundTask] | None = None) -> None:
+        self.tasks: list[BackgroundTask] = []
+        self.handles: list[TaskHandle] = []
+        """The handles of the queued tasks, in order."""
+        self.started = False
+        """Whether the collection has started running (it runs once)."""
+        self._runners: list[TaskRunner] = []
+        self._report = Reporter()
+        self._tracker: TaskTracker | None = None
+        self._cutoff: Cutoff | None = None  # set when a tracker may cut the run off
+        self._closed: str | None = None  # why later tasks cannot run, once closed
+        self._cancel_reason: str | None = None
+        self._running = False
+        for task in tasks or ():
+            if not isinstance(task, BackgroundTask):
+                raise TypeError(
+                    f"BackgroundTasks(tasks=...) takes starlette BackgroundTask"
+                    f" objects, got {type(task).__name__!r}; for plain functions"
+                    f" use add_task(func, *args, **kwargs)"
+                )
+            if isinstance(task, StarletteBackgroundTasks):
+                # A nested collection has no func of its own: run it whole.
+                task = BackgroundTask(task)
+            else:
+                check_callable(task.func)
+            self._queue(task)
+
+    @classmethod
+    def for_request(cls, connection: HTTPConnection | Scope) -> Self:
+        """A collection for this request's application: its signals are sent
+        with the app as sender, and the app's `TaskTracker` (if its lifespan
+        runs) tracks its tasks. The FastAPI provider builds them this way."""
+        scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+        app = scope.get("app")
+        tasks = cls()
+        state = scope.get("state") or {}
+        tracker: TaskTracker | None = state.get(STATE_KEY)
+        span = current_observer()
+        if tracker is not None and tracker.serving:
+            tasks._tracker = tracker
+            tasks._report = tracker.reporter(app, span)
+            tasks._cutoff = tracker.loop.new_cutoff()
+        else:
+            _warn_if_tracker_idle(app)
+            tasks._report = Reporter(app, () if span is None else (span,))
+        return tasks
+
+    @property
+    def app(self) -> Any:
+        """The application whose tasks these are (the sender of their
+        signals), or `None` for a collection built by hand."""
+        return self._report.sender
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {len(self.tasks)} task(s)>"
+
+    def add_task(  # type: ignore[override]  # returns a TaskHandle, not None
+        self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
+    ) -> TaskHandle:
+        """Queue `func(*args, **kwargs)` to run after the response is sent.
+
+        Returns the task's `TaskHandle`. Raises `TypeError` for what can never
+        run (a non-callable, a coroutine object, a generator function),
+        `RuntimeError` while the collection runs, and `QueueFull` when a
+        detached tracker's queue is full; nothing is queued then.
+        Once a request's collection is closed (its tasks have run or were
+        abandoned), the handle returned has already ended ``cancelled``,
+        with a `task_abandoned` signal and a WARNING that say why.
+        """
+        check_callable(func)
+        if self._closed is not None:
+            handle = TaskHandle(callable_name(func))
+            self._report.queued_late(handle, self, func, self._closed)
+            return handle
+        if self.started:
+            raise RuntimeError(
+                "add_task() was called on a BackgroundTasks collection that has"
+                " already started running; queue tasks before the response is"
+                " sent, or build a new collection for later work"
+            )
+        if self._tracker is not None and not self.tasks:
+            self._tracker.check_room()  # a detached tracker's queue may be full
+        return self._queue(BackgroundTask(func, *args, **kwargs))
+
+    def _queue(self, task: BackgroundTask) -> TaskHandle:
+        runner, name = _runner_for(task.func)
+        handle = TaskHandle(name)
+        self.tasks.append(task)
+        self.handles.append(handle)
+        self._runners.append(runner)
+        self._report.queued(handle, self)
+        return handle
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """``async with TrackedBackgroundTasks.for_request(request) as tasks:``:
+        leaving the block is the end of the request (`end_request`)."""
+        await self.end_request(exc)
+
+    async def end_request(self, error: BaseException | None) -> None:
+        """Settle the collection at the end of its request, and close it.
+
+        If the request succeeded, its tasks run now (unless they already ran,
+        as a response's background), or in detached mode
+        (``TaskTracker(detach=True)``) are handed to the tracker and this
+        returns at once; if it failed with `error`, each ends ``cancelled``.
+        Either way the collection is closed: a task added to it later ends
+        ``cancelled`` at once, loudly, and is never left pending.
+        """
+        if error is not None:
+            self._closed = (
+                "it was queued after the request failed and its background tasks were abandoned"
+            )
+            await self._abandon(
+                f"the request failed with {type(error).__name__} before its tasks ran"
+            )
+            return
+        if not self.started:
+            if self._tracker is not None and self._tracker.detach and self._tracker.serving:
+                self.started = True
+                self._closed = (
+                    "it was queued after the request's background tasks had been"
+                    " handed to the TaskTracker to run detached (detach=True)"
+                )
+                self._tracker.run_detached(self._run)
+                return
+            await self.run()
+        self._closed = "it was queued after the request's background tasks had run"
+
+    def cancel(self, reason: str) -> None:
+        """Cut the collection off: every unfinished task ends ``cancelled`` with
+        `reason`. A running collection is cancelled and reports its own losses
+        as it unwinds; otherwise (not running, or still running after a first
+        cancel: a task that swallows cancellation) they are reported now."""
+        if self._running and self._cancel_reason is None and self._cutoff is not None:
+            self._cancel_reason = reason
+            self._cutoff.cancel()
+            return
+        for task, handle in zip(self.tasks, self.handles, strict=True):
+            if not (handle.finished or handle.handed_off):
+                self._report.abandoned_now(handle, task.func, _cut_off(handle, reason))
+
+    async def run(self) -> None:
+        """Run the queued tasks, one after the other; a collection runs once.
+
+        Raises `RuntimeError` if it has already run. Cancellation is not
+        swallowed: the running task and those queued behind it end
+        ``cancelled``, each with a `task_abandoned` signal, and the
+        cancellation propagates (unless it came from `cancel()`).
+        """
+        if self.started:
+            raise RuntimeError(
+                "This BackgroundTasks collection has already run, and a"
+                " collection runs once; build a new BackgroundTasks() for more work"
+            )
+        self.started = True
+        await self._run()
+
+    __call__ = run  # `await tasks()`, as Starlette's responses run their background
+
+    async def _run(self) -> None:
+        self._running = True
+        try:
+            if self._cutoff is None:
+                await self._run_each()
+            else:
+                with self._cutoff:
+                    await self._run_each()
+        finally:
+            self._running = False
+            if self._tracker is not None:
+                _forget_arguments(self)
+
+    async def _run_each(self) -> None:
+        report = self._report
+        try:
+            for task, handle, runner in zip(self.tasks, self.handles, self._runners, strict=True):
+                if handle.status is TaskStatus.PENDING:  # else abandoned before it ran
+                    await runner(report, handle, task)
+        except BaseException:
+            # Cancelled in a task, or in a receiver awaited between tasks:
+            # every task that has not ended is reported lost.
+            await self._abandon(self._cancel_reason or _CANCELLED)
+            raise
+
+    async def _abandon(self, cause: str) -> None:
+        """End every unfinished task as cancelled, loudly, shielded from
+        cancellation but within the grace: receivers that take longer are
+        skipped for the tasks left, which are reported all the same."""
+        unfinished = [
+            (task, handle)
+            for task, handle in zip(self.tasks, self.handles, strict=True)
+            if not (handle.finished or handle.handed_off)
+        ]
+        with anyio.move_on_after(self._report.grace, shield=True):
+            for task, handle in unfinished:
+                if not handle.finished:
+                    await self._report.abandoned(handle, task.func, _cut_off(handle, cause))
+        for task, handle in unfinished:
+            if not handle.finished:
+                self._report.abandoned_now(handle, task.func, _cut_off(handle, cause))
+
+
+def _cut_off(handle: TaskHandle, cause: str) -> str:
+    if handle.status is TaskStatus.RUNNING:
+        return f"{cause}; it was cut off while running"
+    return f"{cause}; it never started"
+
+
+_CANCELLED = (
+    "the request's background work was cancelled (by the server, for instance at"
+    " shutdown past its graceful-shutdown timeout: uvicorn --timeout-graceful-shutdown,"
+    " hypercorn --graceful-timeout; or by the caller)"
+)
+
+
+def _forget_arguments(tasks: TrackedBackgroundTasks) -> None:
+    """A tracked collection has run: a failed handle, kept in the tracker's
+    history, keeps its exception and a traceback that still formats, but not
+    the request's arguments (its frames' locals are cleared, and so are the
+    tasks' arguments, which the run's own frames still reach)."""
+    for handle in tasks.handles:
+        if handle.error is not None:
+            traceback.clear_frames(handle.error.__traceback__)
+    for task in tasks.tasks:
+        task.args = ()  # type: ignore[assignment]  # Starlette types them by its ParamSpec
+        task.kwargs = {}  # type: ignore[assignment]
+
+
+def _runner_for(func: Any) -> tuple[TaskRunner, str]:
+    """How to run `func`, and the task's name."""
+    from ._options import TaskFunction
+
+    if isinstance(func, TaskFunction):
+        return func.run_task, callable_name(func)
+    # A taskiq task is sent to its broker; taskiq is looked for only once
+    # something has imported it (the task's own module did).
+    if "taskiq" in sys.modules:
+        from .taskiq import runner_for
+
+        sender = runner_for(func)
+        if sender is not None:
+            return sender, sender.name
+    return run_task, callable_name(func)
+
+
+async def run_task(report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
+    """The plain runner: one attempt, isolated."""
+    func = task.func
+    try:
+        await report.started(handle, func)
+        await call(handle, task)
+    except Exception as exc:
+        if handle.status is TaskStatus.RUNNING:  # not cancelled meanwhile
+            await report.failed(handle, func, exc)
+    else:
+        if handle.status is TaskStatus.RUNNING:
+            await report.completed(handle, func)
+
+
+async def call(handle: TaskHandle, task: BackgroundTask) -> None:
+    """Call a task the plain way, awaited or in a worker thread, with
+    `current_task()` answering its handle."""
+    token = running_task.set(handle)
+    try:
+        if task.is_async:
+            await _settle(task, await task.func(*task.args, **task.kwargs))
+        else:
+            await _run_sync(task)
+    finally:
+        running_task.reset(token)
+
+
+async def _run_sync(task: BackgroundTask) -> None:
+    def call() -> tuple[Any]:
+        # Boxed, because trio fails a thread that returns a coroutine, and
+        # `add_task(lambda: send(x))` must work the same on both backends.
+        return (task.func(*task.args, **task.kwargs),)
+
+    # abandon_on_cancel: a thread cannot be interrupted, and waiting for it
+    # would stall shutdown; the task is reported cut off, the thread finishes
+    # on its own.
+    (result,) = await anyio.to_thread.run_sync(
+        call, limiter=current_thread_limiter(), abandon_on_cancel=True
+    )
+    await _settle(task, result)
+
+
+async def _settle(task: BackgroundTask, result: Any) -> None:
+    """The work left in what a task's call returned: an awaitable is awaited
+    (`add_task(lambda: send(x))`, or an ``async def`` wrapper that forgot an
+    ``await``), and a generator (whose body never ran) fails the task.
+    Anything else is a plain return value."""
+    if inspect.isawaitable(result) and not _runs_on_its_own(result):
+        await result
+    elif inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise TypeError(
+            f"background task {callable_name(task.func)} returned a generator object,"
+            f" so its body never ran; a generator runs only when iterated: queue a"
+            f" plain 'def' or 'async def' function that iterates it"
+        )
+
+
+def _runs_on_its_own(result: Any) -> bool:
+    """An `asyncio.Task` or future: work already running, left alone."""
+    import asyncio
+
+    return isinstance(result, asyncio.Future)
+
+
+_idle_trackers: weakref.WeakSet[TaskTracker] = weakref.WeakSet()
+"""Trackers built and not serving: a request that finds none serving while
+one exists has probably forgotten to install its lifespan."""
+_warned = False
+
+
+def _warn_if_tracker_idle(app: Any) -> None:
+    global _warned
+    if _warned or not _idle_trackers or app is None:
+        return
+    _warned = True
+    logger.warning(
+        "Background tasks were queued in %r, whose TaskTracker is not serving: they"
+        " are not tracked, and its status route answers 503. Install its lifespan:"
+        " FastAPI(lifespan=tracker.lifespan), or tracker.install(app); in tests,"
+        " use `with TestClient(app) as client:`",
+        app,
+    )
