@@ -420,34 +420,6 @@ def test_a_yield_dependency_is_as_open_for_the_tasks_as_for_fastapi_s_own(
 
 
 @pytest.mark.skipif(
-    FASTAPI >= (0, 118),
-    reason="states what the README says of FastAPI < 0.118; on newer versions the injected"
-    " tasks run (test_a_returned_response_background_runs_first_then_the_injected_tasks)",
-)
-def test_before_fastapi_0_118_a_response_background_leaves_the_injected_tasks_to_the_drain(
-    anyio_backend: Literal["asyncio", "trio"], caplog: pytest.LogCaptureFixture
-) -> None:
-    from starlette.background import BackgroundTask
-
-    tracker = TaskTracker(drain_timeout=0.01)
-    app = FastAPI(lifespan=tracker.lifespan)
-    log: list[str] = []
-    handles: list[TaskHandle] = []
-
-    @app.post("/")
-    async def endpoint(tasks: BackgroundTasks) -> Response:
-        handles.append(tasks.add_task(record, log, "injected"))
-        return PlainTextResponse("ok", background=BackgroundTask(record, log, "own"))
-
-    with TestClient(app, backend=anyio_backend) as client:
-        assert client.post("/").text == "ok"
-        assert log == ["own"]
-        assert handles[0].status == "pending"
-    assert handles[0].status == "cancelled"
-    assert handles[0].task_id in caplog.text
-
-
-@pytest.mark.skipif(
     FASTAPI < (0, 118),
     reason="FastAPI < 0.118 gives a provider no hook after the response: a response's"
     " own background drops the injected tasks (README)",
