@@ -387,14 +387,16 @@ def _runs_on_its_own(result: Any) -> bool:
 _idle_trackers: weakref.WeakSet[TaskTracker] = weakref.WeakSet()
 """Trackers built and not serving: a request that finds none serving while
 one exists has probably forgotten to install its lifespan."""
-_warned = False
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told so, once each
 
 
 def _warn_if_tracker_idle(app: Any) -> None:
-    global _warned
-    if _warned or not _idle_trackers or app is None:
+    if not _idle_trackers or app is None or app in _warned:
         return
-    _warned = True
+    try:
+        _warned.add(app)
+    except TypeError:  # an app that cannot be weakly referenced: told every time
+        pass
     logger.warning(
         "Background tasks were queued in %r, whose TaskTracker is not serving: they"
         " are not tracked, and its status route answers 503. Install its lifespan:"
