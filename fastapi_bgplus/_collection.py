@@ -7,7 +7,7 @@ import logging
 import sys
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
@@ -16,6 +16,7 @@ import anyio.to_thread
 from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
+from starlette.routing import Mount
 from starlette.types import Scope
 
 from ._backend import Cutoff
@@ -384,23 +385,59 @@ def _runs_on_its_own(result: Any) -> bool:
     return isinstance(result, asyncio.Future)
 
 
-_idle_trackers: weakref.WeakSet[TaskTracker] = weakref.WeakSet()
-"""Trackers built and not serving: a request that finds none serving while
-one exists has probably forgotten to install its lifespan."""
-_warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told so, once each
+owned_by_tracker: weakref.WeakKeyDictionary[Any, TaskTracker] = weakref.WeakKeyDictionary()
+"""What a `TaskTracker` made for an app, and the tracker: the lifespans of
+`wrap` (and `install`), and the endpoints of its status routes."""
+
+_checked: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps looked at, once each
+
+
+def _tracker_installed_in(app: Any) -> TaskTracker | None:
+    """The tracker whose lifespan `app` was given, if any."""
+    from ._tracker import TaskTracker
+
+    lifespan = getattr(getattr(app, "router", None), "lifespan_context", None)
+    owner = getattr(lifespan, "__self__", None)  # `lifespan=tracker.lifespan`
+    if isinstance(owner, TaskTracker):
+        return owner
+    # FastAPI merges an included router's lifespan into the app's: the status
+    # route tells then.
+    for part in [lifespan, *_endpoints(getattr(app, "routes", ()))]:
+        try:
+            tracker = owned_by_tracker.get(part)
+        except TypeError:  # not weakly referenceable: not one of ours
+            continue
+        if tracker is not None:
+            return tracker
+    return None
+
+
+def _endpoints(routes: Any) -> Iterator[Any]:
+    """The endpoints of `routes`, and of the routes they group, at any depth
+    (FastAPI 0.165 keeps an included router whole, as its `original_router`)."""
+    for route in routes:
+        yield getattr(route, "endpoint", None)
+        if isinstance(route, Mount):  # a mounted app is another app
+            continue
+        included = getattr(route, "original_router", route)
+        yield from _endpoints(getattr(included, "routes", ()))
 
 
 def _warn_if_tracker_idle(app: Any) -> None:
-    if not _idle_trackers or app is None or app in _warned:
+    """Once per app: say so if it was given a tracker whose lifespan does not
+    run (a mounted sub-app, or a test client used without ``with``)."""
+    if app is None or app in _checked:
         return
     try:
-        _warned.add(app)
-    except TypeError:  # an app that cannot be weakly referenced: told every time
-        pass
+        _checked.add(app)
+    except TypeError:  # an app that cannot be weakly referenced: never looked at
+        return
+    if _tracker_installed_in(app) is None:
+        return
     logger.warning(
-        "Background tasks were queued in %r, whose TaskTracker is not serving: they"
-        " are not tracked, and its status route answers 503. Install its lifespan:"
-        " FastAPI(lifespan=tracker.lifespan), or tracker.install(app); in tests,"
-        " use `with TestClient(app) as client:`",
+        "Background tasks were queued in %r, whose TaskTracker's lifespan is not"
+        " running: they are not tracked, and its status route answers 503. Starlette"
+        " never runs a mounted sub-app's lifespan: install the tracker on the outer"
+        " app; in tests, use `with TestClient(app) as client:`",
         app,
     )

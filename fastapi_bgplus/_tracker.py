@@ -14,7 +14,7 @@ import anyio
 import anyio.abc
 
 from ._backend import Loop
-from ._collection import STATE_KEY, _idle_trackers
+from ._collection import STATE_KEY, owned_by_tracker
 from ._exceptions import NotServing, QueueFull
 from ._handle import TaskHandle, TaskStatus
 from ._limiter import current_thread_limiter
@@ -261,7 +261,6 @@ class TaskTracker:
         self._loop: Loop | None = None
         self._slots: anyio.Semaphore | None = None
         self._waiting = 0  # detached collections waiting for a slot
-        _idle_trackers.add(self)
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -363,7 +362,10 @@ class TaskTracker:
         """
         from ._router import status_router
 
-        return status_router(self.lookup, prefix, **kwargs)
+        router = status_router(self.lookup, prefix, **kwargs)
+        for route in router.routes:
+            owned_by_tracker[getattr(route, "endpoint", None)] = self
+        return router
 
     # Lifespan
 
@@ -392,6 +394,7 @@ class TaskTracker:
             async with lifespan(app) as state, self._serving():
                 yield {**(state or {}), STATE_KEY: self}
 
+        owned_by_tracker[wrapped] = self
         return wrapped
 
     def install(self, app: Any) -> None:
@@ -429,7 +432,6 @@ class TaskTracker:
         if self.store is not None:
             await self._start_writer(self.store)
         self._loop = Loop()
-        _idle_trackers.discard(self)
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as group:
@@ -455,7 +457,6 @@ class TaskTracker:
                     await self._writer.close(self.shutdown_grace)
                 self._writer = None
             self._loop = None
-            _idle_trackers.add(self)
 
     async def _start_writer(self, store: TaskStore) -> None:
         writer = StoreWriter(store, lease_ttl=self.lease_ttl, history_ttl=self._ledger.history_ttl)

@@ -11,7 +11,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from unittest import mock
 
 import anyio
@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import fastapi_bgplus
 from fastapi_bgplus import (
@@ -42,6 +42,8 @@ from fastapi_bgplus import (
 from tests.asgi import request
 
 pytestmark = pytest.mark.anyio
+
+Backend = Literal["asyncio", "trio"]
 
 
 async def noop() -> None:
@@ -200,17 +202,20 @@ async def test_current_task_and_the_log_filter_inside_async_and_def_tasks() -> N
 # Flow control
 
 
-async def test_task_concurrency_is_never_exceeded_and_first_come_first_served() -> None:
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_task_concurrency_is_never_exceeded_and_first_come_first_served(limit: int) -> None:
     running = peak = 0
     order: list[int] = []
+    gate = anyio.Event()
 
-    @task(concurrency=2)
+    @task(concurrency=limit)
     async def limited(number: int) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         order.append(number)
-        await anyio.sleep(0.01)
+        await gate.wait()
+        await anyio.lowlevel.checkpoint()
         running -= 1
 
     collections = []
@@ -222,9 +227,15 @@ async def test_task_concurrency_is_never_exceeded_and_first_come_first_served() 
         async with anyio.create_task_group() as group:
             for tasks in collections:
                 group.start_soon(tasks.run)
-                await anyio.lowlevel.checkpoint()  # each queues in turn
-    assert peak == 2
-    assert order == list(range(8))
+                await anyio.wait_all_tasks_blocked()  # each arrives in turn
+            assert [h.status.value for t in collections for h in t.handles].count(
+                "pending"
+            ) == 8 - limit
+            gate.set()
+    assert peak == limit
+    if limit == 1:  # one at a time: the order they start in is the order they came
+        assert order == list(range(8))
+    assert sorted(order) == list(range(8))
     assert all(h.status == "done" for tasks in collections for h in tasks.handles)
 
 
@@ -293,7 +304,7 @@ def test_flow_control_arguments_say_what_is_valid(kwargs: dict[str, Any], messag
 # install() into any app
 
 
-def test_install_keeps_old_style_startup_handlers_running(anyio_backend: str) -> None:
+def test_install_keeps_old_style_startup_handlers_running(anyio_backend: Backend) -> None:
     tracker = TaskTracker()
     app = FastAPI()
     events: list[str] = []
@@ -314,7 +325,7 @@ def test_install_keeps_old_style_startup_handlers_running(anyio_backend: str) ->
     assert events == ["startup"]
 
 
-def test_install_wraps_an_existing_lifespan(anyio_backend: str) -> None:
+def test_install_wraps_an_existing_lifespan(anyio_backend: Backend) -> None:
     events: list[str] = []
 
     @asynccontextmanager
@@ -342,23 +353,44 @@ def test_install_refuses_what_is_not_a_starlette_app() -> None:
 
 
 def test_a_tracker_whose_lifespan_does_not_run_answers_503_saying_how_to_install_it(
-    anyio_backend: str, caplog: pytest.LogCaptureFixture
+    anyio_backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     tracker = TaskTracker()
-    app = FastAPI()  # the lifespan forgotten
+    app = FastAPI(lifespan=tracker.lifespan)
     app.include_router(tracker.router("/tasks"))
 
     @app.post("/")
     async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
         return {"id": tasks.add_task(noop).task_id}
 
-    client = TestClient(app, backend=anyio_backend)  # and no `with`
+    client = TestClient(app, backend=anyio_backend)  # no `with`: the lifespan never runs
     task_id = client.post("/").json()["id"]
     response = client.get(f"/tasks/{task_id}")
     assert response.status_code == 503
     assert "lifespan=tracker.lifespan" in response.json()["detail"]
     assert "tracker.install(app)" in response.json()["detail"]
-    assert "is not serving" in caplog.text
+    assert "lifespan is not running" in caplog.text
+
+
+def test_a_mounted_sub_app_s_own_tracker_warns_and_answers_503(
+    anyio_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = TaskTracker()
+    sub = FastAPI(lifespan=tracker.lifespan)  # Starlette never runs it, mounted
+    sub.include_router(tracker.router("/tasks"))
+
+    @sub.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
+        return {"id": tasks.add_task(noop).task_id}
+
+    outer = Starlette(routes=[Mount("/sub", sub)])
+    with TestClient(outer, backend=anyio_backend) as client:
+        task_id = client.post("/sub/").json()["id"]
+        client.post("/sub/")
+        response = client.get(f"/sub/tasks/{task_id}")
+    assert response.status_code == 503
+    assert "mounted sub-app" in response.json()["detail"]
+    assert caplog.text.count("lifespan is not running") == 1  # once per app
 
 
 async def test_lookup_outside_the_lifespan_raises_not_serving() -> None:
@@ -412,7 +444,7 @@ async def test_waiting_for_a_task_in_the_request_that_queued_it_raises_at_once()
 
 
 def test_patching_add_task_on_the_imported_name_intercepts_the_injected_collection(
-    anyio_backend: str,
+    anyio_backend: Backend,
 ) -> None:
     app = FastAPI()
 
@@ -433,7 +465,7 @@ def test_patching_add_task_on_the_imported_name_intercepts_the_injected_collecti
     assert fastapi_bgplus.BackgroundTasks.add_task is TrackedBackgroundTasks.add_task
 
 
-def test_dependency_overrides_are_keyed_by_get_background_tasks(anyio_backend: str) -> None:
+def test_dependency_overrides_are_keyed_by_get_background_tasks(anyio_backend: Backend) -> None:
     app = FastAPI()
     fake = TrackedBackgroundTasks()
 
@@ -450,7 +482,7 @@ def test_dependency_overrides_are_keyed_by_get_background_tasks(anyio_backend: s
 
 
 def test_a_frontend_route_s_dependency_gets_the_request_s_tasks(
-    anyio_backend: str, tmp_path: Path
+    anyio_backend: Backend, tmp_path: Path
 ) -> None:
     """As FastAPI's own tests/test_frontend.py serves a build: app-level
     dependencies run for the frontend's files, and that route type sets no

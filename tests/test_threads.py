@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from fastapi import Depends, FastAPI
 
@@ -65,7 +66,7 @@ async def test_def_endpoints_queue_tasks_while_the_loop_reads_the_books(
             for _ in range(ROUNDS):
                 done = anyio.Event()
 
-                async def read() -> None:
+                async def read(done: anyio.Event = done) -> None:
                     nonlocal reads
                     while not done.is_set():
                         for handle in tracker.in_flight:
@@ -86,8 +87,22 @@ async def test_def_endpoints_queue_tasks_while_the_loop_reads_the_books(
     assert len(ids) == ROUNDS * REQUESTS * 5
     assert all(tracker.get(task_id).status == "done" for task_id in ids)  # type: ignore[union-attr]
     # Each request's dependency queued one more that ran, and one after: abandoned.
-    done, abandoned = ROUNDS * REQUESTS * 6, ROUNDS * REQUESTS
-    assert f"since startup: {done} done, 0 failed, {abandoned} abandoned" in caplog.text
+    ran, abandoned = ROUNDS * REQUESTS * 6, ROUNDS * REQUESTS
+    assert f"since startup: {ran} done, 0 failed, {abandoned} abandoned" in caplog.text
+
+
+def slow_app(tracker: TaskTracker, queuing: threading.Event, stop: threading.Event) -> FastAPI:
+    app = FastAPI(lifespan=tracker.lifespan)
+
+    @app.post("/slow")
+    def slow(tasks: BackgroundTasks) -> dict[str, Any]:
+        queuing.set()
+        while not stop.is_set():
+            tasks.add_task(noop)
+            time.sleep(0.0005)
+        return {}
+
+    return app
 
 
 async def test_a_shutdown_while_a_def_thread_still_queues_tasks_drains_and_summarises(
@@ -96,17 +111,9 @@ async def test_a_shutdown_while_a_def_thread_still_queues_tasks_drains_and_summa
     caplog.set_level(logging.INFO, logger="fastapi_bgplus")
     for _ in range(ROUNDS):
         tracker = TaskTracker(drain_timeout=0, shutdown_grace=1)
-        app = FastAPI(lifespan=tracker.lifespan)
         queuing, stop = threading.Event(), threading.Event()
+        app = slow_app(tracker, queuing, stop)
         shut_down: list[str] = []
-
-        @app.post("/slow")
-        def slow(tasks: BackgroundTasks) -> dict[str, Any]:
-            queuing.set()
-            while not stop.is_set():
-                tasks.add_task(noop)
-                time.sleep(0.0005)
-            return {}
 
         with anyio.fail_after(10):
             async with anyio.create_task_group() as group:
@@ -144,7 +151,7 @@ async def test_a_thread_the_app_started_itself_queues_late_tasks_without_a_race(
         thread.start()
         for _ in range(200):
             list(tracker.in_flight)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         await anyio.to_thread.run_sync(thread.join)
         await anyio.wait_all_tasks_blocked()
         assert all(handle.status == "cancelled" for handle in late)
