@@ -72,8 +72,6 @@ class _AsyncioCutoff:
 
     def __enter__(self) -> None:
         self._task = asyncio.current_task()
-        if self._cancelled and self._task is not None:
-            self._task.cancel()
 
     def __exit__(
         self,
@@ -82,19 +80,17 @@ class _AsyncioCutoff:
         tb: TracebackType | None,
     ) -> bool:
         task, self._task = self._task, None
-        if not (self._cancelled and exc_type is not None and task is not None):
+        if not (self._cancelled and exc_type and issubclass(exc_type, asyncio.CancelledError)):
             return False
-        if not issubclass(exc_type, asyncio.CancelledError):
-            return False
-        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11 (task: the run's, entered)
         # Swallowed unless someone else cancelled the task as well.
         return uncancel is None or uncancel() == 0
 
     def cancel(self) -> None:
-        if not self._cancelled:
-            self._cancelled = True
-            if self._task is not None:
-                self._task.cancel()
+        # Called once, while the run is inside (see `TrackedBackgroundTasks.cancel`).
+        self._cancelled = True
+        if self._task is not None:  # pragma: no branch
+            self._task.cancel()
 
 
 class _TrioCutoff:

@@ -109,7 +109,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         if tracker is not None and tracker.serving:
             tasks._tracker = tracker
             tasks._report = tracker.reporter(app, span)
-            tasks._cutoff = tracker.loop.new_cutoff()
+            tasks._cutoff = tracker.new_cutoff()
         else:
             _warn_if_tracker_idle(app)
             tasks._report = Reporter(app, () if span is None else (span,))
@@ -193,13 +193,12 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             )
             return
         if not self.started:
-            if self._tracker is not None and self._tracker.detach and self._tracker.serving:
+            if self._tracker is not None and self._tracker.run_detached(self._run):
                 self.started = True
                 self._closed = (
                     "it was queued after the request's background tasks had been"
                     " handed to the TaskTracker to run detached (detach=True)"
                 )
-                self._tracker.run_detached(self._run)
                 return
             await self.run()
         self._closed = "it was queued after the request's background tasks had run"
@@ -213,9 +212,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             self._cancel_reason = reason
             self._cutoff.cancel()
             return
-        for task, handle in zip(self.tasks, self.handles, strict=True):
-            if not (handle.finished or handle.handed_off):
-                self._report.abandoned_now(handle, task.func, _cut_off(handle, reason))
+        for task, handle in self._unfinished():
+            self._report.abandoned_now(handle, task.func, _cut_off(handle, reason))
 
     async def run(self) -> None:
         """Run the queued tasks, one after the other; a collection runs once.
@@ -264,18 +262,20 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """End every unfinished task as cancelled, loudly, shielded from
         cancellation but within the grace: receivers that take longer are
         skipped for the tasks left, which are reported all the same."""
-        unfinished = [
+        with anyio.move_on_after(self._report.grace, shield=True):
+            # Looked for afresh after each: the drain may report some meanwhile.
+            while left := self._unfinished():
+                task, handle = left[0]
+                await self._report.abandoned(handle, task.func, _cut_off(handle, cause))
+        for task, handle in self._unfinished():
+            self._report.abandoned_now(handle, task.func, _cut_off(handle, cause))
+
+    def _unfinished(self) -> list[tuple[BackgroundTask, TaskHandle]]:
+        return [
             (task, handle)
             for task, handle in zip(self.tasks, self.handles, strict=True)
             if not (handle.finished or handle.handed_off)
         ]
-        with anyio.move_on_after(self._report.grace, shield=True):
-            for task, handle in unfinished:
-                if not handle.finished:
-                    await self._report.abandoned(handle, task.func, _cut_off(handle, cause))
-        for task, handle in unfinished:
-            if not handle.finished:
-                self._report.abandoned_now(handle, task.func, _cut_off(handle, cause))
 
 
 def _cut_off(handle: TaskHandle, cause: str) -> str:

@@ -57,9 +57,6 @@ class _NewCollectionType(type):
     def __setattr__(cls, name: str, value: Any) -> None:
         setattr(TrackedBackgroundTasks, name, value)
 
-    def __delattr__(cls, name: str) -> None:
-        delattr(TrackedBackgroundTasks, name)
-
 
 class _NewCollection(metaclass=_NewCollectionType):
     """Stands for `TrackedBackgroundTasks` in the runtime annotation.

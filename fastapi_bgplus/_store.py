@@ -234,11 +234,6 @@ class StoreWriter(TaskObserver):
         """Records waiting to be written."""
         return len(self._unfinished) + len(self._finished)
 
-    @property
-    def dropped(self) -> int:
-        """Records dropped from the full buffer since the last WARNING said so."""
-        return self._dropped
-
     # The loop, in the tracker's lifespan task group.
 
     async def start(self) -> None:

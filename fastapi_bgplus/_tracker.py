@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ._backend import Loop
+from ._backend import Cutoff, Loop
 from ._collection import STATE_KEY, owned_by_tracker
 from ._exceptions import NotServing, QueueFull
 from ._handle import TaskHandle, TaskStatus
@@ -290,18 +290,17 @@ class TaskTracker:
             own += (self._writer,)
         return own + self._user_observers
 
-    @property
-    def loop(self) -> Loop:
-        """The event loop it serves on; raises `NotServing` when not serving."""
-        if self._loop is None:
-            raise NotServing(NOT_SERVING)
-        return self._loop
+    # What a request's collection takes from the tracker while it serves.
 
     def reporter(self, app: Any, span: SpanObserver | None = None) -> Reporter:
         """The `Reporter` of a request's collection in `app` (with `span`, the
         observer of its tasks' spans, when a span records)."""
         observers = self.observers if span is None else (*self.observers, span)
-        return Reporter(app, observers, self.loop, self.shutdown_grace)
+        return Reporter(app, observers, self._loop, self.shutdown_grace)
+
+    def new_cutoff(self) -> Cutoff | None:
+        """How the drain can cut a request's collection off (`None` when not serving)."""
+        return None if self._loop is None else self._loop.new_cutoff()
 
     # Lookup
 
@@ -492,13 +491,16 @@ class TaskTracker:
                 f" try again later"
             )
 
-    def run_detached(self, run: Callable[[], Awaitable[None]]) -> None:
-        """Start a request's collection (`run`) in a task of its own, in a copy
-        of the request's context; with `max_concurrent`, once a slot is free."""
-        slots = self._slots
+    def run_detached(self, run: Callable[[], Awaitable[None]]) -> bool:
+        """In detached mode, start a request's collection (`run`) in a task of
+        its own, in a copy of the request's context (with `max_concurrent`,
+        once a slot is free); `False` if not detached, or not serving."""
+        loop, slots = self._loop, self._slots
+        if not self.detach or loop is None:
+            return False
         if slots is None:
-            self.loop.spawn(run)
-            return
+            loop.spawn(run)
+            return True
 
         async def in_turn() -> None:
             self._waiting += 1
@@ -511,7 +513,8 @@ class TaskTracker:
             finally:
                 slots.release()
 
-        self.loop.spawn(in_turn)
+        loop.spawn(in_turn)
+        return True
 
     # Shutdown
 

@@ -110,13 +110,12 @@ async def _wait_in_store(func: AsyncTaskiqDecoratedTask[Any, Any], task_id: str)
         )
     store = tracking[0].store
     while True:
-        record = await store.get(task_id)
-        if record is not None:
-            if record["status"] in FINISHED:
-                return
-            owner = record.get("owner")
-            if isinstance(owner, str) and not await store.lease_alive(owner):
-                return  # lost: its worker died without reporting an end
+        record = await store.get(task_id) or {}  # none: expired, or the store lost it
+        if record.get("status") in FINISHED:
+            return
+        owner = record.get("owner")
+        if isinstance(owner, str) and not await store.lease_alive(owner):
+            return  # lost: its worker died without reporting an end
         await anyio.sleep(POLL_INTERVAL)
 
 

@@ -358,6 +358,7 @@ def test_a_tracker_whose_lifespan_does_not_run_answers_503_saying_how_to_install
     tracker = TaskTracker()
     app = FastAPI(lifespan=tracker.lifespan)
     app.include_router(tracker.router("/tasks"))
+    app.mount("/static", Starlette())
 
     @app.post("/")
     async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
@@ -505,3 +506,77 @@ def test_a_frontend_route_s_dependency_gets_the_request_s_tasks(
     assert response.status_code == 200, response.text
     assert "<h1>app</h1>" in response.text
     assert ran.is_set()
+
+
+def test_an_app_given_the_lifespan_alone_but_not_run_warns_too(
+    anyio_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = TaskTracker()
+    app = FastAPI(lifespan=tracker.lifespan)
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
+        return {"id": tasks.add_task(noop).task_id}
+
+    TestClient(app, backend=anyio_backend).post("/")
+    assert "lifespan is not running" in caplog.text
+
+
+async def test_a_history_without_a_ttl_keeps_what_ended() -> None:
+    tracker = TaskTracker(history_ttl=None)
+    app = FastAPI(lifespan=tracker.lifespan)
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
+        return {"id": tasks.add_task(noop).task_id}
+
+    async with tracker.lifespan(app) as state:
+        _, body = await request(app, state, "/")
+    assert tracker.get(body["id"]).status == "done"  # type: ignore[union-attr]
+
+
+def test_a_task_function_s_repr_shows_its_concurrency() -> None:
+    @task(concurrency=2)
+    async def limited() -> None:
+        pass
+
+    assert repr(limited).endswith("concurrency=2>")
+
+
+async def test_a_store_that_fails_at_startup_and_at_close_fails_the_startup_alone() -> None:
+    class Down(MemoryStore):
+        async def renew_lease(self, owner: str, ttl: float) -> None:
+            raise ConnectionError("down")
+
+        async def aclose(self) -> None:
+            raise ConnectionError("still down")
+
+    tracker = TaskTracker(store=Down())
+    with pytest.raises(RuntimeError, match="could not reach its task store"):
+        async with tracker.lifespan(None):
+            pass  # pragma: no cover
+    assert not tracker.serving
+
+
+def test_a_late_task_from_a_thread_once_the_loop_has_closed_is_still_ended(
+    anyio_backend: Backend,
+) -> None:
+    tracker = TaskTracker()
+    app = FastAPI(lifespan=tracker.lifespan)
+    kept: list[TrackedBackgroundTasks] = []
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
+        kept.append(tasks)
+        return {}
+
+    async def serve() -> None:
+        async with tracker.lifespan(app) as state:
+            await request(app, state, "/")
+
+    anyio.run(serve, backend=anyio_backend)
+    late: list[TaskHandle] = []
+    thread = threading.Thread(target=lambda: late.append(kept[0].add_task(noop)))
+    thread.start()
+    thread.join()
+    assert late[0].status == "cancelled"

@@ -20,8 +20,8 @@ from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from taskiq import InMemoryBroker, SendTaskError, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
-from fastapi_bgplus import BackgroundTasks, TaskTracker, TrackedBackgroundTasks
-from fastapi_bgplus._store import MemoryStore, Record
+from fastapi_bgplus import BackgroundTasks, MemoryStore, TaskTracker, TrackedBackgroundTasks
+from fastapi_bgplus._store import Record
 from fastapi_bgplus.taskiq import QUEUED, TrackingMiddleware
 
 from ._servers import free_port
@@ -512,3 +512,73 @@ async def test_no_receivers_cost_no_signal_in_the_worker(no_receivers: None) -> 
     assert isinstance(store, RecordingStore)
     await store.aclose()
     assert [r["status"] for r in store.writes] == ["pending", "running", "done"]
+
+
+@pytest.mark.anyio
+@ASYNCIO_ONLY
+async def test_wait_follows_a_handed_off_task_to_its_end_in_the_store(world: World) -> None:
+    """Also for a caller already waiting when the task left the process."""
+    await world.broker.startup()
+    tasks = TrackedBackgroundTasks()
+    handle = tasks.add_task(world.greet, "ada")
+    woke: list[str] = []
+
+    async def waiter() -> None:
+        await handle.wait()
+        woke.append(world.store.records[handle.task_id]["status"])
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            await tasks.run()
+        await handle.wait()
+    await world.broker.shutdown()
+    assert handle.handed_off
+    assert woke == ["done"]
+
+
+@pytest.mark.anyio
+@ASYNCIO_ONLY
+async def test_wait_polls_the_store_until_the_worker_ends_it_or_is_lost() -> None:
+    store = MemoryStore()
+    broker = InMemoryBroker().with_middlewares(TrackingMiddleware(store))
+    gate = anyio.Event()
+
+    @broker.task
+    async def held() -> None:
+        await gate.wait()
+
+    await broker.startup()
+    with anyio.fail_after(10):
+        done, lost = TrackedBackgroundTasks(), TrackedBackgroundTasks()
+        first, second = done.add_task(held), lost.add_task(held)
+        await done.run()
+        await lost.run()
+        await anyio.sleep(0.05)  # both taken by the in-memory worker
+        # The second's worker "dies": its record keeps a lease nobody renews.
+        record = {**(await store.get(second.task_id) or {}), "owner": "a-dead-worker"}
+        await store.put([record], history_ttl=None)
+        await second.wait()
+        gate.set()
+        await first.wait()
+    await broker.shutdown()
+    assert (await store.get(first.task_id) or {})["status"] == "done"
+
+
+@pytest.mark.anyio
+@ASYNCIO_ONLY
+async def test_wait_for_a_task_sent_without_tracking_says_how_to_follow_it() -> None:
+    broker = InMemoryBroker(await_inplace=True)
+
+    @broker.task
+    async def untracked() -> None:
+        pass
+
+    await broker.startup()
+    tasks = TrackedBackgroundTasks()
+    handle = tasks.add_task(untracked)
+    await tasks.run()
+    with pytest.raises(RuntimeError, match="has no TrackingMiddleware"):
+        await handle.wait()
+    await broker.shutdown()
