@@ -156,7 +156,11 @@ class StoreWriter(TaskObserver):
     of the same task replaces the earlier: records coalesce); `run()` writes
     the buffer every `interval` seconds, from the tracker's lifespan, and
     renews this process's lease every ``lease_ttl / 3`` seconds, and at once
-    when the store answers again after failing (a restarted Redis has lost it).
+    when the store answers again after failing. Between two renewals it asks
+    the store whether the lease is still there: a store that lost it (Redis
+    restarted without persistence) gets it back, with the records of the
+    unfinished tasks, within one `interval`, so a running task never reads
+    ``lost`` for long because the store restarted.
 
     While the store fails or is slow, the records stay buffered and are
     retried at the next write. Past `max_buffered` records, the oldest
@@ -190,6 +194,7 @@ class StoreWriter(TaskObserver):
         # one to drop is always at the front of one of them.
         self._unfinished: OrderedDict[str, TaskHandle] = OrderedDict()
         self._finished: OrderedDict[str, TaskHandle] = OrderedDict()
+        self._live: dict[str, TaskHandle] = {}  # every unfinished task filed, to write again
         self._lease_due = -math.inf
         self._next_warning = -math.inf
         self._failing = False
@@ -211,14 +216,17 @@ class StoreWriter(TaskObserver):
         # Its record is written where it runs now (taskiq's middleware): a
         # `pending` of ours, written later, would hide that one's progress.
         self._unfinished.pop(handle.task_id, None)
+        self._live.pop(handle.task_id, None)
 
     def _file(self, handle: TaskHandle) -> None:
         task_id = handle.task_id
         self._unfinished.pop(task_id, None)
         if handle.finished:
             self._finished[task_id] = handle
+            self._live.pop(task_id, None)
         else:
             self._unfinished[task_id] = handle
+            self._live[task_id] = handle
         if self.buffered > self.max_buffered:
             self._drop_one()
 
@@ -251,6 +259,16 @@ class StoreWriter(TaskObserver):
         """Renew the lease if due and write the buffer; never raises an
         `Exception`. Returns whether everything was written."""
         try:
+            if self._clock() < self._lease_due and not await self.store.lease_alive(self.owner):
+                logger.warning(
+                    "The task store %r had lost this process's lease (restarted without"
+                    " persistence?); renewing it and writing %d unfinished record(s) again",
+                    self.store,
+                    len(self._live),
+                )
+                for handle in list(self._live.values()):
+                    self._file(handle)
+                self._lease_due = -math.inf
             if self._clock() >= self._lease_due:
                 await self.store.renew_lease(self.owner, self.lease_ttl)
                 self._lease_due = self._clock() + self.lease_ttl / 3

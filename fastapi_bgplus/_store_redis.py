@@ -52,6 +52,12 @@ process leaves in Redis."""
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 2.0
 
+DEFAULT_MAX_CONNECTIONS = 50
+"""Connections a `RedisStore` built from a URL opens at most, per process."""
+
+POOL_TIMEOUT_S = 5.0
+"""Seconds a call waits for a free connection once all of them are busy."""
+
 
 def _millis(seconds: float) -> int:
     # PX takes whole milliseconds, and at least one.
@@ -68,9 +74,13 @@ class RedisStore:
     ``unix:///path/to/redis.sock[?db=0]``; options such as
     ``?socket_timeout=5`` go in the query string. Built from a URL, the client
     times out after 2 seconds and retries a failed command once, and
-    `aclose` closes it. Or pass a `redis.asyncio.Redis` client of your own: it
-    is used as it is configured, and `aclose` leaves it open (close it
-    yourself).
+    `aclose` closes it. Its connections come from a blocking pool of
+    `max_connections`: a call made while all are busy waits for one (up to
+    `POOL_TIMEOUT_S`) rather than failing, so hundreds of concurrent lookups
+    are served. Or pass a `redis.asyncio.Redis` client of your own: it is used
+    as it is configured, and `aclose` leaves it open (close it yourself);
+    redis-py's default pool raises `MaxConnectionsError` past its size
+    instead of waiting.
 
     Every key starts with `prefix`, so several applications can share a
     database: stores with different prefixes never see each other's tasks.
@@ -85,17 +95,30 @@ class RedisStore:
     __slots__ = ("_client", "_lease_prefix", "_owns_client", "_task_prefix", "prefix")
 
     def __init__(
-        self, url_or_client: str | redis.asyncio.Redis, *, prefix: str = "fastapi_bgplus:"
+        self,
+        url_or_client: str | redis.asyncio.Redis,
+        *,
+        prefix: str = "fastapi_bgplus:",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if isinstance(url_or_client, str):
-            self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            if not (
+                isinstance(max_connections, int)
+                and not isinstance(max_connections, bool)
+                and max_connections >= 1
+            ):
+                raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
                 url_or_client,
+                max_connections=max_connections,
+                timeout=POOL_TIMEOUT_S,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
                 # redis-py < 6 retries only the errors listed here as well.
                 retry_on_error=[redis.exceptions.ConnectionError],
             )
+            self._client: redis.asyncio.Redis = redis.asyncio.Redis(connection_pool=pool)
             self._owns_client = True
         elif isinstance(url_or_client, redis.asyncio.Redis):
             self._client = url_or_client
@@ -164,7 +187,7 @@ class RedisStore:
     async def aclose(self) -> None:
         """Close the client if this store built it from a URL; a client passed in stays open."""
         if self._owns_client:
-            await self._client.aclose()
+            await self._client.aclose(close_connection_pool=True)
 
 
 def _require_asyncio() -> None:

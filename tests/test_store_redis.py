@@ -401,3 +401,69 @@ def test_without_redis_installed_the_error_says_which_extra() -> None:
     assert run_python(script, without=["redis"]) == (
         "RedisStore needs the redis package: pip install 'fastapi-bgplus[redis]'"
     )
+
+
+async def test_hundreds_of_concurrent_lookups_wait_for_a_connection_and_are_served(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, prefix=f"{uuid.uuid4().hex}:")
+    done = record("done")
+    await store.put([done], history_ttl=None)
+    answers: list[Any] = []
+
+    async def lookup() -> None:
+        answers.append(await store.get(done["task_id"]))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for _ in range(400):
+                group.start_soon(lookup)
+    await store.aclose()
+    assert answers == [done] * 400
+
+
+def test_max_connections_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match="max_connections must be an int >= 1"):
+        RedisStore("redis://127.0.0.1:1/0", max_connections=0)
+
+
+async def test_a_running_task_reads_running_again_soon_after_a_restart_that_lost_everything(
+    redis_server: RedisServer,
+) -> None:
+    from fastapi_bgplus import TaskTracker, TrackedBackgroundTasks
+
+    prefix = f"{uuid.uuid4().hex}:"
+    here = TaskTracker(store=RedisStore(redis_server.url, prefix=prefix))
+    there = TaskTracker(store=RedisStore(redis_server.url, prefix=prefix))
+    running = anyio.Event()
+
+    async def forever() -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    async with here.lifespan(None) as state, there.lifespan(None):
+        tasks = TrackedBackgroundTasks.for_request({"type": "http", "state": state})
+        handle = tasks.add_task(forever)
+        async with anyio.create_task_group() as group:
+            group.start_soon(tasks.run)
+            await running.wait()
+            await until(there, handle.task_id, "running")
+            redis_server.stop()
+            redis_server.start()  # persistence off: the record and the lease are gone
+            started = time.monotonic()
+            await until(there, handle.task_id, "running")
+            assert time.monotonic() - started < 1.5
+            group.cancel_scope.cancel()
+
+
+async def until(tracker: Any, task_id: str, status: str) -> None:
+    """Poll `tracker.lookup` until it answers `status` (a failed lookup counts as not yet)."""
+    with anyio.fail_after(POLL_DEADLINE_S):
+        while True:
+            try:
+                record = await tracker.lookup(task_id)
+            except Exception:
+                record = None
+            if record is not None and record["status"] == status:
+                return
+            await anyio.sleep(0.05)
