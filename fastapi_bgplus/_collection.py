@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 import sys
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 import anyio
-import anyio.to_thread
 from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.requests import HTTPConnection
@@ -20,9 +19,10 @@ from starlette.routing import Mount
 from starlette.types import Scope
 
 from ._backend import Cutoff
-from ._handle import TaskHandle, TaskStatus, callable_name, check_callable, running_task
-from ._limiter import current_thread_limiter
-from ._report import Reporter
+from ._handle import TaskHandle, TaskStatus, callable_name, check_callable
+from ._options import TaskFunction
+from ._report import NO_HOOKS, Hooks, Reporter
+from ._run import TaskRunner, run_task
 from ._tracing import current_observer
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from ._tracker import TaskTracker
 
-__all__ = ["TaskRunner", "TrackedBackgroundTasks", "call", "run_task"]
+__all__ = ["STATE_KEY", "TrackedBackgroundTasks", "owned_by_tracker"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -38,15 +38,6 @@ P = ParamSpec("P")
 
 STATE_KEY = "fastapi_bgplus.tracker"
 """Where a serving tracker puts itself in the lifespan state (``scope["state"]``)."""
-
-
-class TaskRunner(Protocol):
-    """Runs one task through `report`: the plain call (`run_task`), a task
-    with options (`fastapi_bgplus.task`), a taskiq task sent to its broker."""
-
-    async def __call__(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
-        """Run `task`, whose handle is `handle`, reporting each transition;
-        raise only what is not the task's own failure (cancellation)."""
 
 
 class TrackedBackgroundTasks(StarletteBackgroundTasks):
@@ -112,7 +103,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             tasks._cutoff = tracker.new_cutoff()
         else:
             _warn_if_tracker_idle(app)
-            tasks._report = Reporter(app, () if span is None else (span,))
+            tasks._report = Reporter(app, NO_HOOKS if span is None else Hooks((span,)))
         return tasks
 
     @property
@@ -171,8 +162,26 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         tb: TracebackType | None,
     ) -> None:
         """``async with TrackedBackgroundTasks.for_request(request) as tasks:``:
-        leaving the block is the end of the request (`end_request`)."""
-        await self.end_request(exc)
+        leaving the block is the end of the request (see `end_request`). The
+        FastAPI provider puts the collection on the request's exit stack."""
+        if exc is not None:
+            self._closed = (
+                "it was queued after the request failed and its background tasks were abandoned"
+            )
+            await self._abandon(
+                f"the request failed with {type(exc).__name__} before its tasks ran"
+            )
+            return
+        if not self.started:
+            self.started = True
+            if self._tracker is not None and self._tracker.run_detached(self._run):
+                self._closed = (
+                    "it was queued after the request's background tasks had been"
+                    " handed to the TaskTracker to run detached (detach=True)"
+                )
+                return
+            await self._run()
+        self._closed = "it was queued after the request's background tasks had run"
 
     async def end_request(self, error: BaseException | None) -> None:
         """Settle the collection at the end of its request, and close it.
@@ -184,24 +193,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         Either way the collection is closed: a task added to it later ends
         ``cancelled`` at once, loudly, and is never left pending.
         """
-        if error is not None:
-            self._closed = (
-                "it was queued after the request failed and its background tasks were abandoned"
-            )
-            await self._abandon(
-                f"the request failed with {type(error).__name__} before its tasks ran"
-            )
-            return
-        if not self.started:
-            if self._tracker is not None and self._tracker.run_detached(self._run):
-                self.started = True
-                self._closed = (
-                    "it was queued after the request's background tasks had been"
-                    " handed to the TaskTracker to run detached (detach=True)"
-                )
-                return
-            await self.run()
-        self._closed = "it was queued after the request's background tasks had run"
+        await self.__aexit__(None if error is None else type(error), error, None)
 
     def cancel(self, reason: str) -> None:
         """Cut the collection off: every unfinished task ends ``cancelled`` with
@@ -236,27 +228,22 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     async def _run(self) -> None:
         self._running = True
         try:
-            if self._cutoff is None:
-                await self._run_each()
-            else:
-                with self._cutoff:
-                    await self._run_each()
+            with self._cutoff or contextlib.nullcontext():
+                try:
+                    for task, handle, runner in zip(
+                        self.tasks, self.handles, self._runners, strict=True
+                    ):
+                        if handle.status is TaskStatus.PENDING:  # else abandoned before it ran
+                            await runner(self._report, handle, task)
+                except BaseException:
+                    # Cancelled in a task, or in a receiver awaited between
+                    # tasks: every task that has not ended is reported lost.
+                    await self._abandon(self._cancel_reason or _CANCELLED)
+                    raise
         finally:
             self._running = False
             if self._tracker is not None:
                 _forget_arguments(self)
-
-    async def _run_each(self) -> None:
-        report = self._report
-        try:
-            for task, handle, runner in zip(self.tasks, self.handles, self._runners, strict=True):
-                if handle.status is TaskStatus.PENDING:  # else abandoned before it ran
-                    await runner(report, handle, task)
-        except BaseException:
-            # Cancelled in a task, or in a receiver awaited between tasks:
-            # every task that has not ended is reported lost.
-            await self._abandon(self._cancel_reason or _CANCELLED)
-            raise
 
     async def _abandon(self, cause: str) -> None:
         """End every unfinished task as cancelled, loudly, shielded from
@@ -292,13 +279,15 @@ _CANCELLED = (
 
 
 def _forget_arguments(tasks: TrackedBackgroundTasks) -> None:
-    """A tracked collection has run: a failed handle, kept in the tracker's
-    history, keeps its exception and a traceback that still formats, but not
-    the request's arguments (its frames' locals are cleared, and so are the
+    """A tracked collection has run, and a task failed: a failed handle, kept in
+    the tracker's history, keeps its exception and a traceback that still
+    formats, but not the request's arguments (its frames' locals are cleared, and so are the
     tasks' arguments, which the run's own frames still reach)."""
-    for handle in tasks.handles:
-        if handle.error is not None:
-            traceback.clear_frames(handle.error.__traceback__)
+    failed = [handle.error for handle in tasks.handles if handle.error is not None]
+    if not failed:
+        return
+    for error in failed:
+        traceback.clear_frames(error.__traceback__)
     for task in tasks.tasks:
         task.args = ()  # type: ignore[assignment]  # Starlette types them by its ParamSpec
         task.kwargs = {}  # type: ignore[assignment]
@@ -306,8 +295,6 @@ def _forget_arguments(tasks: TrackedBackgroundTasks) -> None:
 
 def _runner_for(func: Any) -> tuple[TaskRunner, str]:
     """How to run `func`, and the task's name."""
-    from ._options import TaskFunction
-
     if isinstance(func, TaskFunction):
         return func.run_task, callable_name(func)
     # A taskiq task is sent to its broker; taskiq is looked for only once
@@ -319,70 +306,6 @@ def _runner_for(func: Any) -> tuple[TaskRunner, str]:
         if sender is not None:
             return sender, sender.name
     return run_task, callable_name(func)
-
-
-async def run_task(report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
-    """The plain runner: one attempt, isolated."""
-    func = task.func
-    try:
-        await report.started(handle, func)
-        await call(handle, task)
-    except Exception as exc:
-        if handle.status is TaskStatus.RUNNING:  # not cancelled meanwhile
-            await report.failed(handle, func, exc)
-    else:
-        if handle.status is TaskStatus.RUNNING:
-            await report.completed(handle, func)
-
-
-async def call(handle: TaskHandle, task: BackgroundTask) -> None:
-    """Call a task the plain way, awaited or in a worker thread, with
-    `current_task()` answering its handle."""
-    token = running_task.set(handle)
-    try:
-        if task.is_async:
-            await _settle(task, await task.func(*task.args, **task.kwargs))
-        else:
-            await _run_sync(task)
-    finally:
-        running_task.reset(token)
-
-
-async def _run_sync(task: BackgroundTask) -> None:
-    def call() -> tuple[Any]:
-        # Boxed, because trio fails a thread that returns a coroutine, and
-        # `add_task(lambda: send(x))` must work the same on both backends.
-        return (task.func(*task.args, **task.kwargs),)
-
-    # abandon_on_cancel: a thread cannot be interrupted, and waiting for it
-    # would stall shutdown; the task is reported cut off, the thread finishes
-    # on its own.
-    (result,) = await anyio.to_thread.run_sync(
-        call, limiter=current_thread_limiter(), abandon_on_cancel=True
-    )
-    await _settle(task, result)
-
-
-async def _settle(task: BackgroundTask, result: Any) -> None:
-    """The work left in what a task's call returned: an awaitable is awaited
-    (`add_task(lambda: send(x))`, or an ``async def`` wrapper that forgot an
-    ``await``), and a generator (whose body never ran) fails the task.
-    Anything else is a plain return value."""
-    if inspect.isawaitable(result) and not _runs_on_its_own(result):
-        await result
-    elif inspect.isgenerator(result) or inspect.isasyncgen(result):
-        raise TypeError(
-            f"background task {callable_name(task.func)} returned a generator object,"
-            f" so its body never ran; a generator runs only when iterated: queue a"
-            f" plain 'def' or 'async def' function that iterates it"
-        )
-
-
-def _runs_on_its_own(result: Any) -> bool:
-    """An `asyncio.Task` or future: work already running, left alone."""
-    import asyncio
-
-    return isinstance(result, asyncio.Future)
 
 
 owned_by_tracker: weakref.WeakKeyDictionary[Any, TaskTracker] = weakref.WeakKeyDictionary()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
+from types import FunctionType
 from typing import Any, Protocol
 
 import anyio
@@ -81,6 +82,10 @@ def check_callable(func: Any) -> None:
     """Refuse, with a `TypeError` that says what to do, what could never run
     as a task: a non-callable, an awaitable (a coroutine object), a
     generator function."""
+    if isinstance(func, FunctionType):  # the common case, decided first
+        if func.__code__.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR):
+            raise _generator_function_error(func)
+        return
     if inspect.isawaitable(func):
         name = getattr(func, "__qualname__", type(func).__qualname__)
         kind = "an awaitable"
@@ -107,11 +112,15 @@ def check_callable(func: Any) -> None:
     if not (inspect.isfunction(target) or inspect.ismethod(target) or isinstance(target, type)):
         target = getattr(target, "__call__", target)  # noqa: B004
     if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
-        raise TypeError(
-            f"add_task() got a generator function ({callable_name(func)}),"
-            f" whose body would never run; background tasks must be plain"
-            f" 'def' or 'async def' functions: wrap it in one that iterates it"
-        )
+        raise _generator_function_error(func)
+
+
+def _generator_function_error(func: Any) -> TypeError:
+    return TypeError(
+        f"add_task() got a generator function ({callable_name(func)}),"
+        f" whose body would never run; background tasks must be plain"
+        f" 'def' or 'async def' functions: wrap it in one that iterates it"
+    )
 
 
 class _Queueing(Protocol):
@@ -158,22 +167,21 @@ class TaskHandle:
         error: The exception of a failed task, else `None`.
         attempts: How many times it has started (more than 1 only with
             ``@task(attempts=...)``).
-        created_at: When `add_task()` was called (timezone-aware UTC).
-        started_at: When it first started, or `None`.
-        finished_at: When it reached its end state, or `None`.
     """
 
+    # The wall clock is read once, at creation; later times are that plus the
+    # monotonic clock's progress, so that they stay in order and agree with
+    # `duration_s` whatever the system clock does. Shown as datetimes when read.
     __slots__ = (
+        "_created",
+        "_created_clock",
         "_ended",
         "_finished_clock",
         "_handed_off",
         "_started_clock",
         "attempts",
-        "created_at",
         "error",
-        "finished_at",
         "name",
-        "started_at",
         "status",
         "task_id",
     )
@@ -184,9 +192,8 @@ class TaskHandle:
         self.status: TaskStatus = TaskStatus.PENDING
         self.error: BaseException | None = None
         self.attempts: int = 0
-        self.created_at: datetime = datetime.now(timezone.utc)
-        self.started_at: datetime | None = None
-        self.finished_at: datetime | None = None
+        self._created = time.time()
+        self._created_clock = time.monotonic()
         self._started_clock: float | None = None
         self._finished_clock: float | None = None
         self._handed_off: Callable[[], Any] | None = None
@@ -194,6 +201,26 @@ class TaskHandle:
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id[:6]}… {self.status.value} {self.name}>"
+
+    def _wall(self, clock: float | None) -> datetime | None:
+        if clock is None:
+            return None
+        return datetime.fromtimestamp(self._created + clock - self._created_clock, timezone.utc)
+
+    @property
+    def created_at(self) -> datetime:
+        """When `add_task()` was called (timezone-aware UTC)."""
+        return datetime.fromtimestamp(self._created, timezone.utc)
+
+    @property
+    def started_at(self) -> datetime | None:
+        """When it first started (timezone-aware UTC), or `None`."""
+        return self._wall(self._started_clock)
+
+    @property
+    def finished_at(self) -> datetime | None:
+        """When it reached its end state (timezone-aware UTC), or `None`."""
+        return self._wall(self._finished_clock)
 
     @property
     def duration_s(self) -> float | None:
@@ -225,13 +252,11 @@ class TaskHandle:
         self.attempts += 1
         if self._started_clock is None:
             self._started_clock = time.monotonic()
-            self.started_at = datetime.now(timezone.utc)
 
     def _finish(self, status: TaskStatus, error: BaseException | None = None) -> None:
         self.status = status
         self.error = error
         self._finished_clock = time.monotonic()
-        self.finished_at = datetime.now(timezone.utc)
         if self._ended is not None:
             self._ended.set()
 
@@ -273,9 +298,13 @@ class TaskHandle:
             "name": self.name,
             "status": self.status.value,
             "created_at": self.created_at.isoformat(),
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
             "duration_s": self.duration_s,
             "error": type(self.error).__name__ if self.error is not None else None,
             "attempts": self.attempts,
         }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()

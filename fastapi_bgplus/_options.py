@@ -18,9 +18,9 @@ import anyio
 from anyio.lowlevel import RunVar
 from starlette.background import BackgroundTask
 
-from ._collection import call
 from ._handle import TaskHandle, TaskStatus, callable_name
 from ._report import Reporter
+from ._run import call
 
 __all__ = ["TaskFunction", "task"]
 

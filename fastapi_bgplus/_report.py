@@ -20,7 +20,7 @@ from ._backend import Loop, current_library
 from ._handle import TaskHandle, TaskStatus
 from .signals import task_abandoned, task_completed, task_failed, task_retrying, task_started
 
-__all__ = ["DEFAULT_GRACE", "Cancellable", "Reporter", "TaskObserver", "send"]
+__all__ = ["DEFAULT_GRACE", "NO_HOOKS", "Cancellable", "Hooks", "Reporter", "TaskObserver", "send"]
 
 logger = logging.getLogger("fastapi_bgplus")
 
@@ -87,12 +87,35 @@ def _receiver_raised(signal: Signal, receiver: Any) -> None:
     )
 
 
+HOOKS = ("task_queued", "task_started", "task_retrying", "task_ended", "task_handed_off")
+
+
+class Hooks:
+    """The hooks of some observers, per transition, in their order: looked up
+    once (a tracker does so at startup), those left as the base class's
+    no-ops left out, so that a transition pays only for who listens."""
+
+    def __init__(self, observers: Sequence[TaskObserver] = ()) -> None:
+        self.observers = tuple(observers)
+        self.by_name: dict[str, tuple[Callable[..., None], ...]] = {
+            name: tuple(
+                getattr(observer, name)
+                for observer in self.observers
+                if getattr(type(observer), name) is not getattr(TaskObserver, name)
+            )
+            for name in HOOKS
+        }
+
+
+NO_HOOKS = Hooks()
+
+
 class Reporter:
     """Reports the transitions of the tasks of one sender (an app, or `None`).
 
     Parameters:
         sender: The sender of the signals: the application, or `None`.
-        observers: Told of every transition, in this order.
+        hooks: The observers told of every transition, in this order.
         loop: The loop the observers' books belong to (a tracker's); a
             transition made in another thread is handed over to it.
         grace: Seconds a cut-off run may spend reporting its losses.
@@ -101,21 +124,21 @@ class Reporter:
     def __init__(
         self,
         sender: Any = None,
-        observers: Sequence[TaskObserver] = (),
+        hooks: Hooks = NO_HOOKS,
         loop: Loop | None = None,
         grace: float = DEFAULT_GRACE,
     ) -> None:
         self.sender = sender
-        self.observers = tuple(observers)
+        self.hooks = hooks
         self.loop = loop
         self.grace = grace
 
-    def _tell(self, hook: str, *args: Any) -> None:
-        for observer in self.observers:
+    def _tell(self, name: str, *args: Any) -> None:
+        for hook in self.hooks.by_name[name]:
             try:
-                getattr(observer, hook)(*args)
+                hook(*args)
             except Exception:
-                logger.exception("Observer %r raised in %s; it was skipped", observer, hook)
+                logger.exception("Observer hook %r raised; it was skipped", hook)
 
     # Synchronous transitions: from add_task, possibly in a worker thread.
 

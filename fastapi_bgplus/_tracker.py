@@ -18,7 +18,7 @@ from ._collection import STATE_KEY, owned_by_tracker
 from ._exceptions import NotServing, QueueFull
 from ._handle import TaskHandle, TaskStatus
 from ._limiter import current_thread_limiter
-from ._report import DEFAULT_GRACE, Cancellable, Reporter, TaskObserver
+from ._report import DEFAULT_GRACE, NO_HOOKS, Cancellable, Hooks, Reporter, TaskObserver
 from ._store import STORE_METHODS, UNFINISHED, StoreWriter
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class _Ledger(TaskObserver):
         self.live: dict[str, tuple[TaskHandle, Cancellable]] = {}
         # The finished, by id, oldest first.
         self.history: OrderedDict[str, TaskHandle] = OrderedDict()
-        self.counts = {TaskStatus.DONE: 0, TaskStatus.FAILED: 0, TaskStatus.CANCELLED: 0}
+        self.done = self.failed = self.abandoned = 0  # since startup
         self.idle: anyio.Event | None = None
 
     def task_queued(self, handle: TaskHandle, tasks: Cancellable) -> None:
@@ -71,7 +71,12 @@ class _Ledger(TaskObserver):
 
     def task_ended(self, handle: TaskHandle) -> None:
         self.live.pop(handle.task_id, None)
-        self.counts[handle.status] += 1
+        if handle.status is TaskStatus.DONE:
+            self.done += 1
+        elif handle.status is TaskStatus.FAILED:
+            self.failed += 1
+        else:
+            self.abandoned += 1
         if self.history_size:
             self.history[handle.task_id] = handle
             if len(self.history) > self.history_size:
@@ -259,6 +264,7 @@ class TaskTracker:
         self._user_observers = tuple(observers)
         self._writer: StoreWriter | None = None
         self._loop: Loop | None = None
+        self._hooks = NO_HOOKS
         self._slots: anyio.Semaphore | None = None
         self._waiting = 0  # detached collections waiting for a slot
 
@@ -295,8 +301,8 @@ class TaskTracker:
     def reporter(self, app: Any, span: SpanObserver | None = None) -> Reporter:
         """The `Reporter` of a request's collection in `app` (with `span`, the
         observer of its tasks' spans, when a span records)."""
-        observers = self.observers if span is None else (*self.observers, span)
-        return Reporter(app, observers, self._loop, self.shutdown_grace)
+        hooks = self._hooks if span is None else Hooks((*self._hooks.observers, span))
+        return Reporter(app, hooks, self._loop, self.shutdown_grace)
 
     def new_cutoff(self) -> Cutoff | None:
         """How the drain can cut a request's collection off (`None` when not serving)."""
@@ -423,7 +429,7 @@ class TaskTracker:
     async def _serving(self) -> AsyncIterator[None]:
         self._check_idle()
         ledger = self._ledger
-        ledger.counts = dict.fromkeys(ledger.counts, 0)
+        ledger.done = ledger.failed = ledger.abandoned = 0
         if self.thread_limit is not None:
             current_thread_limiter().total_tokens = self.thread_limit
         if self.max_concurrent is not None:
@@ -431,6 +437,7 @@ class TaskTracker:
         if self.store is not None:
             await self._start_writer(self.store)
         self._loop = Loop()
+        self._hooks = Hooks(self.observers)  # as they stay while it serves
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as group:
@@ -539,17 +546,15 @@ class TaskTracker:
                 # Still running: a task that swallowed its cancellation, or a
                 # slow receiver. Reported lost now, and left behind.
                 run.cancel(f"{reason}, and it did not stop within shutdown_grace")
-        counts = ledger.counts
-        abandoned = counts[TaskStatus.CANCELLED]
         logger.log(
-            logging.WARNING if abandoned else logging.INFO,
+            logging.WARNING if ledger.abandoned else logging.INFO,
             "Background tasks drained in %.2f s (%d in flight at shutdown);"
             " since startup: %d done, %d failed, %d abandoned",
             time.monotonic() - started,
             in_flight,
-            counts[TaskStatus.DONE],
-            counts[TaskStatus.FAILED],
-            abandoned,
+            ledger.done,
+            ledger.failed,
+            ledger.abandoned,
         )
 
 

@@ -15,8 +15,10 @@ never runs.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from ._servers import Server, gunicorn, markers, queue, uvicorn
@@ -124,3 +126,32 @@ def test_gunicorn_with_detach_short_tasks_finish(tmp_path: Path) -> None:
         output = terminate_gunicorn(server)
     assert markers(tmp_path) == {f"{name}-{kind}" for name in NAMES for kind in ("async", "sync")}
     assert "since startup: 4 done, 0 failed, 0 abandoned" in output
+
+
+@pytest.mark.usefixtures("detach")
+@pytest.mark.parametrize("stubborn", [True, False])
+def test_a_hanging_receiver_and_a_task_that_swallows_cancellation_bound_the_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stubborn: bool
+) -> None:
+    """drain_timeout plus shutdown_grace, plus a few seconds for the server
+    itself: the summary is logged, the tasks are named, the process ends."""
+    monkeypatch.setenv("BGPLUS_DRAIN_TIMEOUT", "1")
+    monkeypatch.setenv("BGPLUS_GRACE", "1")
+    monkeypatch.setenv("BGPLUS_HANGING_RECEIVER", "1")
+    with uvicorn(tmp_path) as server:
+        ids = queue(server, NAMES, seconds=60.0)
+        stubborn_id = ""
+        if stubborn:
+            stubborn_id = httpx2.post(f"{server.url}/stubborn", timeout=5.0).json()["id"]
+        started = time.monotonic()
+        output = server.terminate()
+        took = time.monotonic() - started
+    assert took < 1 + 1 + 4, output
+    count = 5 if stubborn else 4
+    assert f"since startup: 0 done, 0 failed, {count} abandoned" in output
+    if stubborn:
+        (line,) = [line for line in output.splitlines() if stubborn_id in line]
+        assert "did not stop within shutdown_grace" in line
+    for by_function in ids.values():
+        for task_id in by_function.values():
+            assert task_id in output
