@@ -72,6 +72,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         self._closed: str | None = None  # why later tasks cannot run, once closed
         self._cancel_reason: str | None = None
         self._running = False
+        self._reserved = False  # a place in a detached tracker's queue (`TaskTracker.reserve`)
         for task in tasks or ():
             if not isinstance(task, BackgroundTask):
                 raise TypeError(
@@ -140,7 +141,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
                 " sent, or build a new collection for later work"
             )
         if self._tracker is not None and not self.tasks:
-            self._tracker.check_room()  # a detached tracker's queue may be full
+            self._reserved = self._tracker.reserve()  # a detached tracker's queue may be full
         return self._queue(BackgroundTask(func, *args, **kwargs))
 
     def _queue(self, task: BackgroundTask) -> TaskHandle:
@@ -165,6 +166,7 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         leaving the block is the end of the request (see `end_request`). The
         FastAPI provider puts the collection on the request's exit stack."""
         if exc is not None:
+            self._give_back_place()
             self._closed = (
                 "it was queued after the request failed and its background tasks were abandoned"
             )
@@ -174,14 +176,21 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
             return
         if not self.started:
             self.started = True
-            if self._tracker is not None and self._tracker.run_detached(self._run):
+            if self._tracker is not None and self._tracker.run_detached(self._run, self._reserved):
                 self._closed = (
                     "it was queued after the request's background tasks had been"
                     " handed to the TaskTracker to run detached (detach=True)"
                 )
                 return
+            self._give_back_place()
             await self._run()
+        self._give_back_place()
         self._closed = "it was queued after the request's background tasks had run"
+
+    def _give_back_place(self) -> None:
+        if self._reserved and self._tracker is not None:
+            self._reserved = False
+            self._tracker.release()
 
     async def end_request(self, error: BaseException | None) -> None:
         """Settle the collection at the end of its request, and close it.

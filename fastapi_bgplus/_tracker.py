@@ -266,7 +266,7 @@ class TaskTracker:
         self._loop: Loop | None = None
         self._hooks = NO_HOOKS
         self._slots: anyio.Semaphore | None = None
-        self._waiting = 0  # detached collections waiting for a slot
+        self._accepted = 0  # detached collections with a place (see `reserve`)
 
     def __repr__(self) -> str:
         ledger = self._ledger
@@ -483,25 +483,31 @@ class TaskTracker:
 
     # Detached mode
 
-    def check_room(self) -> None:
-        """Raise `QueueFull` if a new detached collection could neither run
-        nor wait (``max_queued``); called at a collection's first `add_task`."""
-        if (
-            self.max_queued is not None
-            and self._slots is not None
-            and self._slots.value == 0
-            and self._waiting >= self.max_queued
-        ):
+    def reserve(self) -> bool:
+        """Take a place for a request's collection (at its first `add_task`),
+        or raise `QueueFull` when ``max_concurrent`` run and ``max_queued``
+        more are accepted already. Returns whether a place was taken (only
+        with ``max_queued``); `release` gives it back."""
+        if self.max_queued is None or self.max_concurrent is None:
+            return False
+        if self._accepted >= self.max_concurrent + self.max_queued:
             raise QueueFull(
-                f"The background task queue is full: {self.max_concurrent} request(s)'"
-                f" tasks run and {self._waiting} wait (max_queued={self.max_queued});"
-                f" try again later"
+                f"The background task queue is full: {self._accepted} request(s)' tasks are"
+                f" accepted (max_concurrent={self.max_concurrent} running,"
+                f" max_queued={self.max_queued} waiting); try again later"
             )
+        self._accepted += 1
+        return True
 
-    def run_detached(self, run: Callable[[], Awaitable[None]]) -> bool:
+    def release(self) -> None:
+        """Give back a place `reserve` took: the collection ran, or never will."""
+        self._accepted -= 1
+
+    def run_detached(self, run: Callable[[], Awaitable[None]], reserved: bool = False) -> bool:
         """In detached mode, start a request's collection (`run`) in a task of
         its own, in a copy of the request's context (with `max_concurrent`,
-        once a slot is free); `False` if not detached, or not serving."""
+        once a slot is free); `False` if not detached, or not serving. The
+        place `reserved` for it is given back once it has run."""
         loop, slots = self._loop, self._slots
         if not self.detach or loop is None:
             return False
@@ -510,15 +516,12 @@ class TaskTracker:
             return True
 
         async def in_turn() -> None:
-            self._waiting += 1
             try:
-                await slots.acquire()
+                async with slots:
+                    await run()
             finally:
-                self._waiting -= 1
-            try:
-                await run()
-            finally:
-                slots.release()
+                if reserved:
+                    self.release()
 
         loop.spawn(in_turn)
         return True

@@ -580,3 +580,28 @@ def test_a_late_task_from_a_thread_once_the_loop_has_closed_is_still_ended(
     thread.start()
     thread.join()
     assert late[0].status == "cancelled"
+
+
+async def test_a_failed_request_gives_its_place_in_the_queue_back() -> None:
+    tracker = TaskTracker(detach=True, max_concurrent=1, max_queued=0)
+    app = FastAPI(lifespan=tracker.lifespan)
+
+    @app.post("/fails")
+    async def fails(tasks: BackgroundTasks) -> None:
+        tasks.add_task(noop)
+        raise RuntimeError("the endpoint failed")
+
+    @app.post("/works")
+    async def works(tasks: BackgroundTasks) -> dict[str, Any]:
+        return {"id": tasks.add_task(noop).task_id}
+
+    async with tracker.lifespan(app) as state:
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="the endpoint failed"):
+                await request(app, state, "/fails")
+        status, body = await request(app, state, "/works")
+        await anyio.wait_all_tasks_blocked()
+        assert status == 200
+        assert tracker.get(body["id"]).status == "done"  # type: ignore[union-attr]
+        status, _ = await request(app, state, "/works")  # its place is free again
+        assert status == 200
