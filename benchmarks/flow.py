@@ -156,9 +156,7 @@ async def main(requests: int, hold: float, probes: int) -> None:
         "tasks ran",
     ]
     print(table(headers, rows))
-    print(
-        f"\n{requests} concurrent requests; a task holds {hold} s without a limit, {hold / 10} s with"
-    )
+    print(f"\n{requests} requests at once; a task holds {hold} s, or {hold / 10} s with a limit")
 
 
 if __name__ == "__main__":
