@@ -19,7 +19,7 @@ from starlette.routing import Mount
 from starlette.types import Scope
 
 from ._backend import Cutoff
-from ._handle import TaskHandle, TaskStatus, callable_name, check_callable
+from ._handle import TaskHandle, TaskStatus, callable_name, check_callable, queueing
 from ._options import TaskFunction
 from ._report import NO_HOOKS, Hooks, Reporter
 from ._run import TaskRunner, run_task
@@ -165,6 +165,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         """``async with TrackedBackgroundTasks.for_request(request) as tasks:``:
         leaving the block is the end of the request (see `end_request`). The
         FastAPI provider puts the collection on the request's exit stack."""
+        if queueing.get() is self:
+            queueing.set(None)  # the request is over (and the context may live on: a test's)
         if exc is not None:
             self._give_back_place()
             self._closed = (

@@ -8,7 +8,6 @@ tracker's lifespan driven directly, on asyncio and trio. The real servers
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -19,6 +18,7 @@ from fastapi import Depends, FastAPI
 
 from fastapi_bgplus import BackgroundTasks, TaskHandle, TaskTracker, TrackedBackgroundTasks
 
+from .asgi import request
 from .conftest import FASTAPI, Sent
 
 pytestmark = [
@@ -35,38 +35,10 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 async def call(app: Any, state: Mapping[str, Any], path: str) -> dict[str, Any]:
     """``POST path`` over raw ASGI, as a server sends it; returns once the
     ASGI call has returned, with the JSON body of the response."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "state": dict(state),
-    }
-    messages: list[dict[str, Any]] = []
-    request_sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal request_sent
-        if request_sent:
-            return {"type": "http.disconnect"}  # pragma: no cover  (not asked for)
-        request_sent = True
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    await app(scope, receive, send)
-    assert messages[0]["status"] == 200, messages
-    body: dict[str, Any] = json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
-    return body
+    status, body = await request(app, state, path)
+    assert status == 200, body
+    result: dict[str, Any] = body
+    return result
 
 
 class Story:

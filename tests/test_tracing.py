@@ -468,9 +468,9 @@ async def test_failed_spans_match_fastapi_own(
     reason="the README snippet traces under FastAPI's native telemetry (FastAPI >= 0.142):"
     " before it, without an instrumentation, no request span records, so tasks get none",
 )
-def test_the_readme_snippet_runs_and_prints_the_task_span() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("\n### Tracing (OpenTelemetry)\n", 1)[1]
+def test_the_guide_s_snippet_runs_and_prints_the_task_span() -> None:
+    guide = (Path(__file__).parent.parent / "docs" / "guide.md").read_text()
+    section = guide.split("\n## Tracing (OpenTelemetry)\n", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     output = run_python(code)
     last = output.splitlines()[-1]
