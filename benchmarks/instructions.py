@@ -54,10 +54,13 @@ COLLECTIONS = (
 # request with the floor, FastAPI's own collection plus one plain `async def`
 # dependency (the least any `Depends`-based drop-in can cost).
 FLOOR = "fastapi + any plain dependency"
+TRACKED = "fastapi_bgplus.BackgroundTasks"
+METRICS = "fastapi_bgplus.BackgroundTasks, PrometheusMetrics observing"
 REQUESTS = (
     "fastapi",
     FLOOR,
-    "fastapi_bgplus.BackgroundTasks",
+    TRACKED,
+    METRICS,
     "fastapi_bgplus.BackgroundTasks, tracker off",
 )
 
@@ -80,8 +83,16 @@ async def count_requests(mechanism: str, n: int) -> None:
     from fastapi_bgplus import TaskTracker
 
     body = json.dumps(ORDER).encode()
+    observers: list[Any] = []
+    if mechanism == METRICS:
+        from prometheus_client import CollectorRegistry
+
+        from fastapi_bgplus.prometheus import PrometheusMetrics
+
+        observers.append(PrometheusMetrics(registry=CollectorRegistry()))
+        mechanism = TRACKED
     app = apps.mechanism_app(mechanism)
-    async with TaskTracker().lifespan(app) as state:
+    async with TaskTracker(observers=observers).lifespan(app) as state:
         for _ in range(REQUEST_WARMUP + n):
             await asgi_post(app, state, body)
 
