@@ -306,16 +306,18 @@ def _forget_arguments(tasks: TrackedBackgroundTasks) -> None:
 
 def _runner_for(func: Any) -> tuple[TaskRunner, str]:
     """How to run `func`, and the task's name."""
-    if isinstance(func, TaskFunction):
-        return func.run_task, callable_name(func)
-    # A taskiq task is sent to its broker; taskiq is looked for only once
-    # something has imported it (the task's own module did).
+    options = func if isinstance(func, TaskFunction) else None
+    # A taskiq task is sent to its broker (with its options as taskiq labels);
+    # taskiq is looked for only once something has imported it (the task's
+    # own module did).
     if "taskiq" in sys.modules:
         from .taskiq import runner_for
 
-        sender = runner_for(func)
+        sender = runner_for(func if options is None else options.__wrapped__, options)
         if sender is not None:
             return sender, sender.name
+    if options is not None:
+        return options.run_task, callable_name(func)
     return run_task, callable_name(func)
 
 

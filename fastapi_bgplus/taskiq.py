@@ -33,6 +33,7 @@ from ._tracker import DEFAULT_HISTORY_TTL
 if TYPE_CHECKING:
     from starlette.background import BackgroundTask
 
+    from ._options import TaskFunction
     from ._store import Record, TaskStore
 
 __all__ = ["POLL_INTERVAL", "QUEUED", "TrackingMiddleware"]
@@ -60,23 +61,39 @@ def _on_trio() -> bool:
     return current_library() == "trio"  # None in a worker thread (a `def` endpoint)
 
 
-def runner_for(func: Any) -> _Sender | None:
+def runner_for(func: Any, options: TaskFunction[Any, Any] | None = None) -> _Sender | None:
     """The runner of a taskiq task, or `None` for anything else (called by
-    `add_task` once taskiq is imported). Raises `RuntimeError` under trio."""
+    `add_task` once taskiq is imported). Raises `RuntimeError` under trio.
+
+    The task's `@task` options travel as taskiq labels: ``timeout`` as
+    taskiq's ``timeout`` label (its receiver enforces it), ``attempts`` as
+    ``retry_on_error`` and ``max_retries``, which taskiq's
+    `SimpleRetryMiddleware` (or `SmartRetryMiddleware`) on the broker reads.
+    ``retry_on`` cannot travel in a message (labels are strings): give the
+    worker's own ``@broker.task(types_of_exceptions=...)``. ``concurrency``
+    has no per-task counterpart in taskiq (``--max-async-tasks`` bounds a
+    worker)."""
     if not isinstance(func, AsyncTaskiqDecoratedTask):
         return None
     if _on_trio():
         raise RuntimeError(f"add_task({func.task_name}): {_TRIO}")
-    return _Sender(func)
+    labels: dict[str, Any] = {}
+    if options is not None:
+        if options.timeout is not None:
+            labels["timeout"] = options.timeout
+        if options.attempts > 1:
+            labels.update(retry_on_error=True, max_retries=options.attempts)
+    return _Sender(func, labels)
 
 
 class _Sender:
     """Runs a taskiq task by sending it to its broker: a `TaskRunner`."""
 
-    __slots__ = ("func", "name")
+    __slots__ = ("func", "labels", "name")
 
-    def __init__(self, func: AsyncTaskiqDecoratedTask[Any, Any]) -> None:
+    def __init__(self, func: AsyncTaskiqDecoratedTask[Any, Any], labels: dict[str, Any]) -> None:
         self.func = func
+        self.labels = labels
         self.name = func.task_name  # what the worker names it as well
 
     async def __call__(self, report: Reporter, handle: TaskHandle, task: BackgroundTask) -> None:
@@ -84,7 +101,7 @@ class _Sender:
         if _on_trio():  # queued from a worker thread, run on trio
             await report.failed(handle, func, RuntimeError(f"{func.task_name}: {_TRIO}"))
             return
-        kicker = func.kicker().with_task_id(handle.task_id)
+        kicker = func.kicker().with_task_id(handle.task_id).with_labels(**self.labels)
         try:
             await kicker.kiq(*task.args, **task.kwargs)
         except Exception as exc:  # the broker is down, an argument cannot be serialised...

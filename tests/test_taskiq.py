@@ -11,6 +11,7 @@ import math
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -582,3 +583,40 @@ async def test_wait_for_a_task_sent_without_tracking_says_how_to_follow_it() -> 
     with pytest.raises(RuntimeError, match="has no TrackingMiddleware"):
         await handle.wait()
     await broker.shutdown()
+
+
+@pytest.mark.anyio
+@ASYNCIO_ONLY
+async def test_task_options_travel_to_taskiq_as_its_labels() -> None:
+    from fastapi_bgplus import task
+
+    class Capture(TaskiqMiddleware):
+        def __init__(self) -> None:
+            super().__init__()
+            self.labels: list[dict[str, Any]] = []
+
+        def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+            self.labels.append(dict(message.labels))
+            return message
+
+    capture = Capture()
+    broker = InMemoryBroker(await_inplace=True).with_middlewares(capture)
+    ran: list[str] = []
+
+    @task(timeout=10.0, attempts=3, retry_on=ConnectionError)
+    @broker.task
+    async def deliver(url: str) -> None:
+        ran.append(url)
+
+    await broker.startup()
+    tasks = TrackedBackgroundTasks()
+    handle = tasks.add_task(deliver, "https://example.com/hook")
+    await tasks.run()
+    await broker.shutdown()
+    assert handle.handed_off
+    assert handle.name == "tests.test_taskiq:deliver"  # taskiq's name for it
+    assert ran == ["https://example.com/hook"]  # run by the broker's worker side
+    (labels,) = capture.labels  # as taskiq sends them: strings
+    assert float(labels["timeout"]) == 10.0
+    assert str(labels["retry_on_error"]).lower() == "true"
+    assert int(labels["max_retries"]) == 3
