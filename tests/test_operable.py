@@ -605,3 +605,25 @@ async def test_a_failed_request_gives_its_place_in_the_queue_back() -> None:
         assert tracker.get(body["id"]).status == "done"  # type: ignore[union-attr]
         status, _ = await request(app, state, "/works")  # its place is free again
         assert status == 200
+
+
+async def test_max_concurrent_without_max_queued_runs_everything_in_turn() -> None:
+    tracker = TaskTracker(detach=True, max_concurrent=2)
+    app = FastAPI(lifespan=tracker.lifespan)
+    running = peak = 0
+
+    async def counted() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.lowlevel.checkpoint()
+        running -= 1
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, Any]:
+        return {"id": tasks.add_task(counted).task_id}
+
+    async with tracker.lifespan(app) as state:
+        ids = [(await request(app, state, "/"))[1]["id"] for _ in range(6)]
+    assert peak <= 2
+    assert [tracker.get(i).status for i in ids] == ["done"] * 6  # type: ignore[union-attr]

@@ -111,3 +111,39 @@ def test_two_uvicorn_workers_are_counted_together_in_multiprocess_mode(tmp_path:
     assert sample(text, "bgplus_tasks_in_flight") == 0
     assert len(list(metrics_dir.glob("counter_*.db"))) == 2  # both workers wrote
     assert "o1" not in text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)  # taskiq runs on asyncio
+async def test_tasks_that_never_start_or_leave_for_taskiq_leave_nothing_in_flight() -> None:
+    from taskiq import InMemoryBroker
+
+    registry = CollectorRegistry()
+    tracker = TaskTracker(observers=[PrometheusMetrics(registry=registry)])
+    app = FastAPI(lifespan=tracker.lifespan)
+    broker = InMemoryBroker(await_inplace=True)
+
+    @broker.task
+    async def remote() -> None:
+        pass
+
+    @app.post("/fails")
+    async def fails(tasks: BackgroundTasks) -> None:
+        tasks.add_task(send_receipt, "order-1")
+        raise RuntimeError("the endpoint failed")
+
+    @app.post("/remote")
+    async def to_taskiq(tasks: BackgroundTasks) -> dict[str, str]:
+        return {"id": tasks.add_task(remote).task_id}
+
+    await broker.startup()
+    async with tracker.lifespan(app) as state:
+        with pytest.raises(RuntimeError, match="the endpoint failed"):
+            await request(app, state, "/fails")
+        await request(app, state, "/remote")
+    await broker.shutdown()
+    text = generate_latest(registry).decode()
+    cancelled = {"task": f"{__name__}.send_receipt", "status": "cancelled"}
+    assert sample(text, "bgplus_tasks_total", **cancelled) == 1
+    assert sample(text, "bgplus_task_duration_seconds_count") == 0  # neither ran here
+    assert sample(text, "bgplus_tasks_in_flight") == 0
