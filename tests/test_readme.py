@@ -46,3 +46,12 @@ def test_the_quick_start_runs_and_answers_what_the_readme_shows(
     assert record["status"] == "done"
     for key in record:
         assert f'"{key}":' in shown, key  # the README shows every field
+
+
+def test_the_docs_home_page_is_the_readme() -> None:
+    """docs/index.md is the README with its links made relative to docs/ (update
+    both together)."""
+    index = (README.parent / "docs" / "index.md").read_text()
+    expected = README.read_text().replace("(docs/", "(")
+    changelog = "https://github.com/fastapi-bgplus/fastapi-bgplus/blob/main/CHANGELOG.md"
+    assert index == expected.replace("(CHANGELOG.md)", f"({changelog})")
