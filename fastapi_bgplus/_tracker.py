@@ -67,6 +67,10 @@ class _Ledger(TaskObserver):
         self.idle: anyio.Event | None = None
 
     def task_queued(self, handle: TaskHandle, tasks: Cancellable) -> None:
+        # Handed over from a thread the app started itself, it may reach the
+        # loop after the task has already ended there.
+        if handle.finished or handle.handed_off:
+            return
         self.live[handle.task_id] = (handle, tasks)
 
     def task_ended(self, handle: TaskHandle) -> None:

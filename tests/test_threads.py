@@ -156,3 +156,24 @@ async def test_a_thread_the_app_started_itself_queues_late_tasks_without_a_race(
         await anyio.wait_all_tasks_blocked()
         assert all(handle.status == "cancelled" for handle in late)
         assert all(tracker.get(handle.task_id) is handle for handle in late)
+
+
+async def test_a_task_queued_from_a_foreign_thread_that_ends_before_the_loop_hears_of_it() -> None:
+    """The thread's hand-over reaches the loop after the task has run and
+    ended there: the tracker does not count it in flight for ever."""
+    tracker = TaskTracker(drain_timeout=0)
+    async with tracker.lifespan(None) as state:
+        tasks = TrackedBackgroundTasks.for_request({"type": "http", "state": state})
+        handles: list[Any] = []
+        thread = threading.Thread(target=lambda: handles.append(tasks.add_task(noop_async)))
+        thread.start()
+        thread.join()  # on the loop's thread, on purpose: the hand-over waits behind the run
+        await tasks.run()
+        await anyio.lowlevel.checkpoint()  # now the loop hears of the queuing
+        assert handles[0].status == "done"
+        assert tracker.in_flight == []
+        assert tracker.get(handles[0].task_id) is handles[0]
+
+
+async def noop_async() -> None:
+    pass
