@@ -25,7 +25,7 @@ import tracemalloc
 from typing import Any
 
 import anyio
-from _common import print_header, table
+from _common import asgi_request, print_header, table
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -58,41 +58,11 @@ def build(tracker: TaskTracker, hold: float, counts: dict[str, int]) -> FastAPI:
     return app
 
 
-async def call(app: Any, state: dict[str, Any], method: str, path: str) -> int:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 50000),
-        "server": ("bench", 80),
-        "state": dict(state),
-    }
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    await app(scope, receive, send)
-    return status
-
-
 async def p99_of_probes(app: Any, state: dict[str, Any], probes: int) -> float:
     latencies = []
     for _ in range(probes):
         started = time.perf_counter()
-        await call(app, state, "GET", "/health")
+        await asgi_request(app, state, "GET", "/health")
         latencies.append(time.perf_counter() - started)
         await anyio.sleep(0.001)
     return statistics.quantiles(latencies, n=100)[98] * 1000
@@ -109,7 +79,7 @@ async def scenario(
         statuses: list[int] = []
 
         async def one() -> None:
-            statuses.append(await call(app, state, "POST", "/signup"))
+            statuses.append(await asgi_request(app, state, "POST", "/signup"))
 
         async with anyio.create_task_group() as group:
             for _ in range(requests):

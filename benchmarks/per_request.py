@@ -59,6 +59,7 @@ from typing import Any
 import anyio
 import httpx2
 from _common import (
+    asgi_request,
     free_port,
     http_implementation,
     median,
@@ -256,28 +257,7 @@ def main(rounds: int, duration: float, connections: int, variants: Sequence[str]
 
 async def asgi_post(app: Any, state: dict[str, Any], body: bytes) -> int:
     """POST `body` to ``/x`` of `app` over raw ASGI; returns the status code."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/x", "raw_path": b"/x",
-        "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
-        "state": dict(state),
-    }  # fmt: skip
-    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        return next(messages, {"type": "http.disconnect"})
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    await app(scope, receive, send)
-    return status
+    return await asgi_request(app, state, "POST", "/x", body)
 
 
 async def in_process(rounds: int, requests: int) -> None:
