@@ -14,7 +14,7 @@ from ._limiter import DEFAULT_THREAD_LIMIT, current_thread_limiter
 from ._logging import TaskContextFilter
 from ._options import task
 from ._report import TaskObserver
-from ._store import MemoryStore, TaskStore
+from ._store import ConsoleStore, MemoryStore, TaskStore
 from ._tracker import DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL, TaskTracker
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_HISTORY_TTL",
     "DEFAULT_THREAD_LIMIT",
     "BackgroundTasks",
+    "ConsoleStore",
     "MemoryStore",
     "NotServing",
     "QueueFull",

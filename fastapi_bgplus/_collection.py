@@ -71,6 +71,8 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         self._cutoff: Cutoff | None = None  # set when a tracker may cut the run off
         self._closed: str | None = None  # why later tasks cannot run, once closed
         self._cancel_reason: str | None = None
+        self._current: TaskHandle | None = None  # the task the run is at
+        self._stopping: tuple[TaskHandle, str] | None = None  # one task cut off (`cancel_task`)
         self._running = False
         self._reserved = False  # a place in a detached tracker's queue (`TaskTracker.reserve`)
         for task in tasks or ():
@@ -213,10 +215,25 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
         cancel: a task that swallows cancellation) they are reported now."""
         if self._running and self._cancel_reason is None and self._cutoff is not None:
             self._cancel_reason = reason
-            self._cutoff.cancel()
+            if self._stopping is None:  # else the run is being cut already
+                self._cutoff.cancel()
             return
         for task, handle in self._unfinished():
             self._report.abandoned_now(handle, task.func, _cut_off(handle, reason))
+
+    def cancel_task(self, handle: TaskHandle, reason: str) -> None:
+        """End one of its unfinished tasks ``cancelled`` with `reason`: a
+        pending one at once (it never runs); the one running is cut off (a
+        `def` task's thread finishes on its own), and the tasks after it run."""
+        if handle.finished or handle.handed_off or handle not in self.handles:
+            return
+        if handle is self._current and self._running and self._cutoff is not None:
+            if self._stopping is None and self._cancel_reason is None:
+                self._stopping = (handle, reason)
+                self._cutoff.cancel()
+            return
+        task = self.tasks[self.handles.index(handle)]
+        self._report.abandoned_now(handle, task.func, reason)
 
     async def run(self) -> None:
         """Run the queued tasks, one after the other; a collection runs once.
@@ -239,40 +256,58 @@ class TrackedBackgroundTasks(StarletteBackgroundTasks):
     async def _run(self) -> None:
         self._running = True
         try:
-            with self._cutoff or contextlib.nullcontext():
-                try:
-                    for task, handle, runner in zip(
-                        self.tasks, self.handles, self._runners, strict=True
-                    ):
-                        if handle.status is TaskStatus.PENDING:  # else abandoned before it ran
-                            await runner(self._report, handle, task)
-                except BaseException:
-                    # Cancelled in a task, or in a receiver awaited between
-                    # tasks: every task that has not ended is reported lost.
-                    await self._abandon(self._cancel_reason or _CANCELLED)
-                    raise
+            again = True
+            while again:
+                again = False
+                with self._cutoff or contextlib.nullcontext():
+                    try:
+                        for task, handle, runner in zip(
+                            self.tasks, self.handles, self._runners, strict=True
+                        ):
+                            if handle.status is TaskStatus.PENDING:  # else abandoned before it ran
+                                self._current = handle
+                                await runner(self._report, handle, task)
+                    except BaseException:
+                        stopping, self._stopping = self._stopping, None
+                        if stopping is not None and self._cancel_reason is None:
+                            # One task was cut off (`cancel_task`): the rest
+                            # run, under a new cutoff (each cuts once).
+                            await self._abandon(stopping[1], only=stopping[0])
+                            self._cutoff = self._tracker.new_cutoff() if self._tracker else None
+                            again = True
+                        else:
+                            # Cancelled in a task, or in a receiver awaited
+                            # between tasks: every task not ended is reported lost.
+                            await self._abandon(self._cancel_reason or _CANCELLED)
+                        raise
+        except BaseException:
+            # Cancelled from outside while one task was being cut off.
+            await self._abandon(self._cancel_reason or _CANCELLED)
+            raise
         finally:
             self._running = False
             if self._tracker is not None:
                 _forget_arguments(self)
 
-    async def _abandon(self, cause: str) -> None:
-        """End every unfinished task as cancelled, loudly, shielded from
-        cancellation but within the grace: receivers that take longer are
-        skipped for the tasks left, which are reported all the same."""
+    async def _abandon(self, cause: str, only: TaskHandle | None = None) -> None:
+        """End every unfinished task (or `only` that one) as cancelled, loudly,
+        shielded from cancellation but within the grace: receivers that take
+        longer are skipped for the tasks left, which are reported all the same."""
         with anyio.move_on_after(self._report.grace, shield=True):
             # Looked for afresh after each: the drain may report some meanwhile.
-            while left := self._unfinished():
+            while left := self._unfinished(only):
                 task, handle = left[0]
                 await self._report.abandoned(handle, task.func, _cut_off(handle, cause))
-        for task, handle in self._unfinished():
+        for task, handle in self._unfinished(only):
             self._report.abandoned_now(handle, task.func, _cut_off(handle, cause))
 
-    def _unfinished(self) -> list[tuple[BackgroundTask, TaskHandle]]:
+    def _unfinished(
+        self, only: TaskHandle | None = None
+    ) -> list[tuple[BackgroundTask, TaskHandle]]:
         return [
             (task, handle)
             for task, handle in zip(self.tasks, self.handles, strict=True)
-            if not (handle.finished or handle.handed_off)
+            if not (handle.finished or handle.handed_off) and only in (None, handle)
         ]
 
 

@@ -35,6 +35,9 @@ class Cancellable(Protocol):
     def cancel(self, reason: str) -> None:
         """End every unfinished task as cancelled, with `reason` (a sentence)."""
 
+    def cancel_task(self, handle: TaskHandle, reason: str) -> None:
+        """End one unfinished task as cancelled, with `reason`; the others go on."""
+
 
 class TaskObserver:
     """Hears every transition of the tracked tasks: subclass it and override

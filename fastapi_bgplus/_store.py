@@ -11,12 +11,14 @@ no request and no task ever waits for the store.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -29,11 +31,14 @@ __all__ = [
     "MAX_BUFFERED",
     "STORE_METHODS",
     "UNFINISHED",
+    "ConsoleStore",
     "MemoryStore",
     "Record",
     "StoreWriter",
     "TaskStore",
+    "created_of",
     "new_owner",
+    "record_of",
 ]
 
 logger = logging.getLogger("fastapi_bgplus")
@@ -46,6 +51,10 @@ UNFINISHED = frozenset({"pending", "running"})
 
 FINISHED = frozenset({"done", "failed", "cancelled"})
 
+STORED = ("pending", "running", "done", "failed", "cancelled")
+"""The statuses a store holds (``lost`` is what a reader makes of an unfinished
+record whose owner's lease has lapsed)."""
+
 FLUSH_INTERVAL = 0.2
 """Seconds between two writes of the buffered records (and lease checks)."""
 
@@ -56,6 +65,29 @@ WARN_EVERY = 30.0
 """Seconds between two WARNINGs about a failing store."""
 
 STORE_METHODS = ("put", "get", "renew_lease", "lease_alive", "aclose")
+"""What every store implements."""
+
+
+TASKIQ_OWNER = "taskiq-"
+"""How the lease ids of taskiq workers begin (their tasks cannot be cancelled
+through the store: they read no cancellation requests)."""
+
+MAX_MESSAGE = 500
+"""Characters of an exception's message a record keeps, with ``expose_errors=True``."""
+
+
+def record_of(handle: TaskHandle, expose_errors: bool) -> Record:
+    """`handle.to_dict()`, with the exception's message when the app opts in."""
+    record = handle.to_dict()
+    if expose_errors and handle.error is not None:
+        record["error_message"] = str(handle.error)[:MAX_MESSAGE]
+    return record
+
+
+def created_of(record: Record) -> float:
+    """When the record's task was queued, in seconds since the epoch: the
+    order of `TaskStore.query`."""
+    return datetime.fromisoformat(record["created_at"]).timestamp()
 
 
 @runtime_checkable
@@ -63,10 +95,13 @@ class TaskStore(Protocol):
     """Where the processes of an application share their tasks' records.
 
     A record is `TaskHandle.to_dict()` plus ``"owner"``, the lease id of the
-    process that wrote it. Implement these five methods to plug in your own
+    process that wrote it. Implement these methods to plug in your own
     store (Postgres, DynamoDB...), and run the contract suite against it
     (`tests/test_store_contract.py`, with your store added to `tests/stores.py`).
-    The tracker calls them from one task at a time, never on the request path.
+    What the console needs too (`TaskTracker.list`, `stats`, `cancel`) is
+    `ConsoleStore`. The tracker's writer calls them from one task at a time,
+    never on the request path; lookups and the console's calls run under
+    `store_timeout`.
     """
 
     async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None:
@@ -91,6 +126,40 @@ class TaskStore(Protocol):
         what it needs again (a tracker may start again after shutdown)."""
 
 
+@runtime_checkable
+class ConsoleStore(TaskStore, Protocol):
+    """A `TaskStore` that also serves the console: `TaskTracker.list`,
+    `stats`, and `cancel` of another process's tasks. The stores of this
+    package all are; a store that is only a `TaskStore` still tracks and
+    serves lookups, and the console says what it lacks.
+    """
+
+    async def query(
+        self,
+        *,
+        statuses: Collection[str] | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[Record]:
+        """Up to `limit` unexpired records, newest first: ordered by
+        ``(created_of(record), task_id)``, descending. Only those whose status
+        is in `statuses` (stored statuses: pending, running, done, failed,
+        cancelled), whose name is `name`, created at or after `since`
+        (seconds since the epoch), and ordered strictly after `before` (the
+        key of the last record of the previous page). A page costs O(limit),
+        not O(records held): keep indexes by time, status and name."""
+
+    async def request_cancel(self, owner: str, task_id: str, reason: str) -> None:
+        """Ask process `owner` to cancel its task `task_id`, saying `reason`
+        (it reads its requests with `cancel_requests` every `FLUSH_INTERVAL`)."""
+
+    async def cancel_requests(self, owner: str) -> list[tuple[str, str]]:
+        """Take the ``(task_id, reason)`` requests made of `owner`, in the
+        order made: each is returned once."""
+
+
 class MemoryStore:
     """A `TaskStore` in this process's memory: for tests, and as the
     reference implementation of the protocol. Processes do not share it.
@@ -103,6 +172,7 @@ class MemoryStore:
         self._clock = clock
         self._records: dict[str, tuple[Record, float]] = {}
         self._leases: dict[str, float] = {}
+        self._cancels: dict[str, list[tuple[str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryStore {len(self._records)} record(s)>"
@@ -142,6 +212,37 @@ class MemoryStore:
     async def aclose(self) -> None:
         pass
 
+    async def query(
+        self,
+        *,
+        statuses: Collection[str] | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[Record]:
+        # The reference implementation: a scan of everything held.
+        now = self._clock()
+        matches = []
+        for record, expires_at in self._records.values():
+            key = (created_of(record), record["task_id"])
+            if (
+                expires_at > now
+                and (statuses is None or record["status"] in statuses)
+                and (name is None or record["name"] == name)
+                and (since is None or key[0] >= since)
+                and (before is None or key < before)
+            ):
+                matches.append((key, record))
+        newest = heapq.nlargest(limit, matches, key=lambda match: match[0])
+        return [dict(record) for _, record in newest]
+
+    async def request_cancel(self, owner: str, task_id: str, reason: str) -> None:
+        self._cancels.setdefault(owner, []).append((task_id, reason))
+
+    async def cancel_requests(self, owner: str) -> list[tuple[str, str]]:
+        return self._cancels.pop(owner, [])
+
 
 def new_owner() -> str:
     """A lease id for this process: its pid, for people reading the store, and
@@ -162,6 +263,10 @@ class StoreWriter(TaskObserver):
     unfinished tasks, within one `interval`, so a running task never reads
     ``lost`` for long because the store restarted.
 
+    With a store that has ``cancel_requests``, each write also takes the
+    cancellations other processes asked of this one, and passes each
+    ``(task_id, reason)`` to `on_cancel`.
+
     While the store fails or is slow, the records stay buffered and are
     retried at the next write. Past `max_buffered` records, the oldest
     finished ones are dropped, in constant time (their last status is then
@@ -180,6 +285,8 @@ class StoreWriter(TaskObserver):
         max_buffered: int = MAX_BUFFERED,
         warn_every: float = WARN_EVERY,
         clock: Callable[[], float] = time.monotonic,
+        expose_errors: bool = False,
+        on_cancel: Callable[[str, str], object] | None = None,
     ) -> None:
         self.store = store
         self.owner = new_owner()
@@ -189,6 +296,8 @@ class StoreWriter(TaskObserver):
         self.interval = min(interval, lease_ttl / 3)
         self.max_buffered = max_buffered
         self.warn_every = warn_every
+        self.expose_errors = expose_errors
+        self.on_cancel = on_cancel
         self._clock = clock
         # Filed handles, by id, oldest first: the finished apart, so that the
         # one to drop is always at the front of one of them.
@@ -242,6 +351,10 @@ class StoreWriter(TaskObserver):
         """Records waiting to be written."""
         return len(self._unfinished) + len(self._finished)
 
+    def unwritten(self) -> list[TaskHandle]:
+        """The handles whose records wait to be written (the store lags behind them)."""
+        return [*self._unfinished.values(), *self._finished.values()]
+
     # The loop, in the tracker's lifespan task group.
 
     async def start(self) -> None:
@@ -273,6 +386,9 @@ class StoreWriter(TaskObserver):
                 await self.store.renew_lease(self.owner, self.lease_ttl)
                 self._lease_due = self._clock() + self.lease_ttl / 3
             await self._write()
+            if self.on_cancel is not None and isinstance(self.store, ConsoleStore):
+                for task_id, reason in await self.store.cancel_requests(self.owner):
+                    self.on_cancel(task_id, reason)
         except Exception as exc:
             self._failing = True
             self._lease_due = -math.inf  # renewed first thing once it answers
@@ -290,7 +406,8 @@ class StoreWriter(TaskObserver):
         self._unfinished = OrderedDict()
         self._finished = OrderedDict()
         owner = self.owner
-        records = [{**handle.to_dict(), "owner": owner} for handle in batch]
+        expose = self.expose_errors
+        records = [{**record_of(handle, expose), "owner": owner} for handle in batch]
         try:
             await self.store.put(records, history_ttl=self.history_ttl)
         except BaseException:

@@ -1,21 +1,17 @@
 """`RedisStore`: the task store for workers on several hosts, on a Redis server.
 
 Imported only through `fastapi_bgplus.RedisStore` (lazily), so that
-``import fastapi_bgplus`` never imports `redis`. It implements the task store
-protocol::
-
-    Record = dict[str, Any]  # TaskHandle.to_dict() plus "owner": the writer's lease id
-
-    class TaskStore(Protocol):
-        async def put(self, records: Sequence[Record], *, history_ttl: float | None) -> None: ...
-        async def get(self, task_id: str) -> Record | None: ...
-        async def renew_lease(self, owner: str, ttl: float) -> None: ...
-        async def lease_alive(self, owner: str) -> bool: ...
-        async def aclose(self) -> None: ...
+``import fastapi_bgplus`` never imports `redis`. It implements the
+`TaskStore` protocol (see `fastapi_bgplus._store`).
 
 Keys, under the prefix: ``{prefix}task:{task_id}`` holds a record as JSON and
-``{prefix}lease:{owner}`` marks a live process. Expiry is Redis's own (``PX``),
-so no process has to sweep.
+``{prefix}lease:{owner}`` marks a live process; expiry is Redis's own (``PX``).
+For the console's `query`, sorted sets of task ids scored by creation time:
+``{prefix}by:all``, ``{prefix}by:status:{status}`` and
+``{prefix}by:name:{status}:{name}``; ``{prefix}expiry`` scores each task by
+when its record expires, so that a writer removes expired ids from the
+indexes (every `PURGE_EVERY_S`). ``{prefix}cancel:{owner}`` lists the
+cancellations asked of a process.
 """
 
 from __future__ import annotations
@@ -23,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio
@@ -31,9 +28,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ._handle import FINISHED
-
-FINISHED_STATUSES = frozenset(status.value for status in FINISHED)
+from ._store import FINISHED, STORED, created_of
 
 __all__ = ["UNFINISHED_EXPIRY_S", "RedisStore"]
 
@@ -57,6 +52,12 @@ DEFAULT_MAX_CONNECTIONS = 50
 
 POOL_TIMEOUT_S = 5.0
 """Seconds a call waits for a free connection once all of them are busy."""
+
+PURGE_EVERY_S = 60.0
+"""Seconds between two removals of expired task ids from the query indexes."""
+
+PURGE_BATCH = 10_000
+"""Expired ids removed from the indexes at most per purge."""
 
 
 def _millis(seconds: float) -> int:
@@ -92,7 +93,14 @@ class RedisStore:
     cannot be reached; the tracker's writer catches, logs and retries.
     """
 
-    __slots__ = ("_client", "_lease_prefix", "_owns_client", "_task_prefix", "prefix")
+    __slots__ = (
+        "_client",
+        "_lease_prefix",
+        "_next_purge",
+        "_owns_client",
+        "_task_prefix",
+        "prefix",
+    )
 
     def __init__(
         self,
@@ -132,6 +140,7 @@ class RedisStore:
         self.prefix = prefix
         self._task_prefix = f"{prefix}task:"
         self._lease_prefix = f"{prefix}lease:"
+        self._next_purge = 0.0
 
     def __repr__(self) -> str:
         # Not the client's repr: it may show a password from the URL.
@@ -147,18 +156,57 @@ class RedisStore:
         _require_asyncio()
         if not records:
             return
+        now = time.time()
         async with self._client.pipeline(transaction=False) as pipe:
             for record in records:
-                key = self._task_prefix + record["task_id"]
+                task_id, status, name = record["task_id"], record["status"], record["name"]
+                key = self._task_prefix + task_id
                 value = json.dumps(record, separators=(",", ":"))
-                if record["status"] not in FINISHED_STATUSES:
+                if status not in FINISHED:
                     pipe.set(key, value, ex=UNFINISHED_EXPIRY_S)
+                    expires_at = now + UNFINISHED_EXPIRY_S
                 elif history_ttl is None:
                     pipe.set(key, value)
+                    expires_at = math.inf
                 elif history_ttl > 0:
                     pipe.set(key, value, px=_millis(history_ttl))
+                    expires_at = now + history_ttl
                 else:  # already past its history: what it replaces goes too
                     pipe.delete(key)
+                    expires_at = now
+                created = {task_id: created_of(record)}
+                pipe.zadd(self._index("all"), created)
+                for other in STORED:
+                    if other == status:
+                        pipe.zadd(self._index("status", other), created)
+                        pipe.zadd(self._index("name", other, name), created)
+                    else:
+                        pipe.zrem(self._index("status", other), task_id)
+                        pipe.zrem(self._index("name", other, name), task_id)
+                pipe.zadd(self.prefix + "expiry", {task_id + name: expires_at})
+            await pipe.execute()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_EVERY_S
+            await self._purge(now)
+
+    def _index(self, *parts: str) -> str:
+        return f"{self.prefix}by:{':'.join(parts)}"
+
+    async def _purge(self, now: float) -> None:
+        """Remove the ids of expired records from the query indexes."""
+        expiry = self.prefix + "expiry"
+        members = await self._client.zrangebyscore(expiry, "-inf", now, start=0, num=PURGE_BATCH)
+        if not members:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for member in members:
+                text = _text(member)
+                task_id, name = text[:32], text[32:]  # ids are 32 characters
+                pipe.zrem(self._index("all"), task_id)
+                for status in STORED:
+                    pipe.zrem(self._index("status", status), task_id)
+                    pipe.zrem(self._index("name", status, name), task_id)
+            pipe.zrem(expiry, *members)
             await pipe.execute()
 
     async def get(self, task_id: str) -> Record | None:
@@ -184,10 +232,98 @@ class RedisStore:
         _require_asyncio()
         return bool(await self._client.exists(self._lease_prefix + owner))
 
+    async def query(
+        self,
+        *,
+        statuses: Collection[str] | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[Record]:
+        """Up to `limit` records, newest first, from the sorted-set indexes:
+        one read of about `limit` ids per status asked for, then the records
+        of the newest `limit` in one round trip."""
+        _require_asyncio()
+        if statuses is None and name is None:
+            keys = [self._index("all")]
+        else:
+            wanted = [status for status in STORED if statuses is None or status in statuses]
+            if name is None:
+                keys = [self._index("status", status) for status in wanted]
+            else:
+                keys = [self._index("name", status, name) for status in wanted]
+        records: list[Record] = []
+        while len(records) < limit:
+            found: list[tuple[float, str]] = []
+            for key in keys:
+                found += await self._newest(key, since, before, limit)
+            found = sorted(found, reverse=True)[:limit]
+            if not found:
+                break
+            values = await self._client.mget([self._task_prefix + task_id for _, task_id in found])
+            # An id whose record has expired (not purged from the indexes
+            # yet), or whose status changed meanwhile, is skipped.
+            for value in values:
+                record: Record | None = None if value is None else json.loads(value)
+                if (
+                    record is not None
+                    and (statuses is None or record["status"] in statuses)
+                    and (name is None or record["name"] == name)
+                ):
+                    records.append(record)
+            if len(found) < limit:
+                break
+            before = found[-1]
+        return records[:limit]
+
+    async def _newest(
+        self, key: str, since: float | None, before: tuple[float, str] | None, limit: int
+    ) -> list[tuple[float, str]]:
+        """The newest `limit` (score, id) of the index `key`, ordered before `before`."""
+        high: float | str = "+inf" if before is None else before[0]
+        low: float | str = "-inf" if since is None else since
+        ids: list[tuple[float, str]] = []
+        offset = 0
+        while True:
+            batch: list[Any] = await self._client.zrevrangebyscore(
+                key, high, low, start=offset, num=limit + 1, withscores=True
+            )
+            for member, score in batch:
+                entry = (float(score), _text(member))
+                if before is None or entry < before:  # ties on the score go by id
+                    ids.append(entry)
+            offset += len(batch)
+            if len(ids) >= limit or len(batch) <= limit:
+                return ids[:limit]
+
+    async def request_cancel(self, owner: str, task_id: str, reason: str) -> None:
+        """Ask process `owner` to cancel `task_id`, saying `reason`."""
+        _require_asyncio()
+        key = f"{self.prefix}cancel:{owner}"
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps([task_id, reason]))
+            pipe.expire(key, 3600)  # never read by a process that died: gone within the hour
+            await pipe.execute()
+
+    async def cancel_requests(self, owner: str) -> list[tuple[str, str]]:
+        """Take the ``(task_id, reason)`` requests made of `owner`, in order."""
+        _require_asyncio()
+        key = f"{self.prefix}cancel:{owner}"
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.lrange(key, 0, -1)
+            pipe.delete(key)
+            requests, _ = await pipe.execute()
+        return [(task_id, reason) for task_id, reason in map(json.loads, requests)]
+
     async def aclose(self) -> None:
         """Close the client if this store built it from a URL; a client passed in stays open."""
         if self._owns_client:
             await self._client.aclose(close_connection_pool=True)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _require_asyncio() -> None:

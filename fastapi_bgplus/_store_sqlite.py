@@ -6,13 +6,13 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ._store import FINISHED, Record
+from ._store import FINISHED, STORED, Record, created_of
 
 __all__ = ["SQLiteStore"]
 
@@ -22,7 +22,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bgplus_tasks (
     task_id TEXT PRIMARY KEY,
     record TEXT NOT NULL,
-    expires_at REAL
+    expires_at REAL,
+    created REAL,
+    status TEXT,
+    name TEXT
 );
 CREATE INDEX IF NOT EXISTS bgplus_tasks_expiry ON bgplus_tasks (expires_at)
     WHERE expires_at IS NOT NULL;
@@ -30,6 +33,33 @@ CREATE TABLE IF NOT EXISTS bgplus_leases (
     owner TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bgplus_cancels (
+    id INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bgplus_cancels_owner ON bgplus_cancels (owner);
+"""
+
+# What `query` reads a page through: by time, by status and time, by name,
+# status and time (a name alone is read status by status).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS bgplus_tasks_created ON bgplus_tasks (created, task_id);
+CREATE INDEX IF NOT EXISTS bgplus_tasks_status ON bgplus_tasks (status, created, task_id);
+CREATE INDEX IF NOT EXISTS bgplus_tasks_name ON bgplus_tasks (name, status, created, task_id);
+"""
+
+# A database written by fastapi-bgplus 0.2 has no query columns: they are
+# added, and filled from the records.
+_MIGRATION = """
+ALTER TABLE bgplus_tasks ADD COLUMN created REAL;
+ALTER TABLE bgplus_tasks ADD COLUMN status TEXT;
+ALTER TABLE bgplus_tasks ADD COLUMN name TEXT;
+UPDATE bgplus_tasks SET
+    created = (julianday(json_extract(record, '$.created_at')) - 2440587.5) * 86400.0,
+    status = json_extract(record, '$.status'),
+    name = json_extract(record, '$.name');
 """
 
 
@@ -98,6 +128,8 @@ class SQLiteStore:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = NORMAL")
             connection.executescript(_SCHEMA)
+            _migrate(connection)
+            connection.executescript(_INDEXES)
         except sqlite3.Error as exc:
             if connection is not None:
                 connection.close()
@@ -119,6 +151,9 @@ class SQLiteStore:
                 record["task_id"],
                 json.dumps(record, separators=(",", ":")),
                 expires_at if record["status"] in FINISHED else None,
+                created_of(record),
+                record["status"],
+                record["name"],
             )
             for record in records
         ]
@@ -127,8 +162,9 @@ class SQLiteStore:
         connection.execute("BEGIN IMMEDIATE")
         with connection:  # commits, or rolls back on an error
             connection.executemany(
-                "INSERT OR REPLACE INTO bgplus_tasks (task_id, record, expires_at)"
-                " VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO bgplus_tasks"
+                " (task_id, record, expires_at, created, status, name)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
             if now >= self._next_purge:
@@ -173,6 +209,87 @@ class SQLiteStore:
     async def lease_alive(self, owner: str) -> bool:
         return await self._call("read", self._lease_alive, owner)
 
+    def _query(
+        self,
+        role: str,
+        statuses: Collection[str] | None,
+        name: str | None,
+        since: float | None,
+        before: tuple[float, str] | None,
+        limit: int,
+    ) -> list[Record]:
+        connection = self._connect(role)
+        # One indexed read per status asked for, merged: each reads at most `limit` rows.
+        groups: list[str | None] = [None]
+        if statuses is not None or name is not None:
+            groups = [status for status in STORED if statuses is None or status in statuses]
+        rows: list[tuple[float, str, str]] = []
+        for status in groups:
+            where = ["(expires_at IS NULL OR expires_at > ?)"]
+            params: list[Any] = [time.time()]
+            if name is not None:
+                where.append("name = ?")
+                params.append(name)
+            if status is not None:
+                where.append("status = ?")
+                params.append(status)
+            if since is not None:
+                where.append("created >= ?")
+                params.append(since)
+            if before is not None:
+                where.append("(created, task_id) < (?, ?)")
+                params.extend(before)
+            params.append(limit)
+            rows += connection.execute(
+                f"SELECT created, task_id, record FROM bgplus_tasks WHERE {' AND '.join(where)}"
+                " ORDER BY created DESC, task_id DESC LIMIT ?",
+                params,
+            ).fetchall()
+        rows.sort(reverse=True)
+        return [json.loads(record) for _, _, record in rows[:limit]]
+
+    async def query(
+        self,
+        *,
+        statuses: Collection[str] | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[Record]:
+        return await self._call("read", self._query, statuses, name, since, before, limit)
+
+    def _request_cancel(self, role: str, owner: str, task_id: str, reason: str) -> None:
+        self._connect(role).execute(
+            "INSERT INTO bgplus_cancels (owner, task_id, reason) VALUES (?, ?, ?)",
+            (owner, task_id, reason),
+        )
+
+    async def request_cancel(self, owner: str, task_id: str, reason: str) -> None:
+        await self._call("write", self._request_cancel, owner, task_id, reason)
+
+    def _cancels_for(self, role: str, owner: str) -> list[tuple[int, str, str]]:
+        return (
+            self._connect(role)
+            .execute(
+                "SELECT id, task_id, reason FROM bgplus_cancels WHERE owner = ? ORDER BY id",
+                (owner,),
+            )
+            .fetchall()
+        )
+
+    def _delete_cancels(self, role: str, rows: list[tuple[int, str, str]]) -> None:
+        self._connect(role).executemany(
+            "DELETE FROM bgplus_cancels WHERE id = ?", [(row_id,) for row_id, _, _ in rows]
+        )
+
+    async def cancel_requests(self, owner: str) -> list[tuple[str, str]]:
+        # Read first: the common answer is none, and needs no write lock.
+        rows = await self._call("read", self._cancels_for, owner)
+        if rows:
+            await self._call("write", self._delete_cancels, rows)
+        return [(task_id, reason) for _, task_id, reason in rows]
+
     def _close(self, role: str) -> None:
         connection = self._connections.pop(role, None)
         if connection is not None:
@@ -182,3 +299,16 @@ class SQLiteStore:
         for role in list(self._limiters):
             await self._call(role, self._close)
         self._limiters.clear()
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(bgplus_tasks)")}
+    if "created" in columns:
+        return
+    connection.execute("BEGIN IMMEDIATE")  # another worker may be migrating too
+    with connection:
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(bgplus_tasks)")}
+        if "created" not in columns:
+            for statement in _MIGRATION.split(";"):
+                if statement.strip():
+                    connection.execute(statement)

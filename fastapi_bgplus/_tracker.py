@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -15,11 +17,22 @@ import anyio.abc
 
 from ._backend import Cutoff, Loop
 from ._collection import STATE_KEY, owned_by_tracker
+from ._console import (
+    MAX_PAGE,
+    decode_cursor,
+    encode_cursor,
+    key_of,
+    record_of,
+    since_seconds,
+    stored_statuses,
+    summarize,
+    wanted_statuses,
+)
 from ._exceptions import NotServing, QueueFull
 from ._handle import TaskHandle, TaskStatus
 from ._limiter import current_thread_limiter
 from ._report import DEFAULT_GRACE, NO_HOOKS, Cancellable, Hooks, Reporter, TaskObserver
-from ._store import STORE_METHODS, UNFINISHED, StoreWriter
+from ._store import STORE_METHODS, TASKIQ_OWNER, UNFINISHED, ConsoleStore, Record, StoreWriter
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -39,6 +52,9 @@ DEFAULT_HISTORY_TTL = 3600.0
 
 DEFAULT_STORE_TIMEOUT = 5.0
 """Seconds a store call made for a request (a lookup) may take, by default."""
+
+STATS_LIMIT = 10_000
+"""The most records `TaskTracker.stats` reads (the newest of its window)."""
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -183,6 +199,11 @@ class TaskTracker:
             past it, `add_task()` raises `QueueFull`. `None`: no limit.
         observers: `TaskObserver` objects told of every transition of every
             tracked task (audit logs, metrics: `prometheus.PrometheusMetrics`).
+        expose_errors: Whether records (the status route, the console, the
+            store) carry a failed task's exception message, as
+            ``error_message`` (its first 500 characters). Off by default:
+            messages may hold personal data. The exception's type is always
+            there, as ``error``.
 
     Raises `ValueError` for an argument out of its range, saying what is valid,
     and `TypeError` for a store that lacks methods of the `TaskStore` protocol.
@@ -205,6 +226,7 @@ class TaskTracker:
         max_concurrent: int | None = None,
         max_queued: int | None = None,
         observers: Sequence[TaskObserver] = (),
+        expose_errors: bool = False,
     ) -> None:
         _check_seconds("drain_timeout", drain_timeout, " (math.inf to wait for every task)")
         _check_seconds("shutdown_grace", shutdown_grace, "", finite=True)
@@ -219,6 +241,8 @@ class TaskTracker:
             raise ValueError(f"thread_limit must be an int >= 1, or None; got {thread_limit!r}")
         if not isinstance(detach, bool):
             raise ValueError(f"detach must be True or False, got {detach!r}")
+        if not isinstance(expose_errors, bool):
+            raise ValueError(f"expose_errors must be True or False, got {expose_errors!r}")
         _check_seconds("lease_ttl", lease_ttl, " (it is renewed every third of it)", least=1.0)
         _check_seconds("store_timeout", store_timeout, "", positive=True, finite=True)
         if max_concurrent is not None and not _is_count(max_concurrent, 1):
@@ -264,6 +288,10 @@ class TaskTracker:
         self.store = store
         self.store_timeout = store_timeout
         self.lease_ttl = lease_ttl
+        self.expose_errors = expose_errors
+        self.cancel_allowed = False
+        """Whether a router of this tracker serves the cancel route (and so the
+        dashboard shows a cancel button)."""
         self._ledger = _Ledger(history_size, history_ttl)
         self._user_observers = tuple(observers)
         self._writer: StoreWriter | None = None
@@ -344,7 +372,7 @@ class TaskTracker:
         task_id = task_id.lower()
         handle = self._ledger.get(task_id)
         if handle is not None:
-            return handle.to_dict()
+            return record_of(handle, self.expose_errors)
         store = self.store
         if store is None:
             return None
@@ -352,26 +380,87 @@ class TaskTracker:
             record = await store.get(task_id)
             if record is None:
                 return None
-            owner = record.pop("owner", None)
-            if record["status"] in UNFINISHED and not (
-                isinstance(owner, str) and await store.lease_alive(owner)
-            ):
-                record["status"] = TaskStatus.LOST.value
+            await self._settle_records(store, [record], {})
         return record
 
-    def router(self, prefix: str = "", **kwargs: Any) -> APIRouter:
-        """A FastAPI router serving ``GET {prefix}/{task_id}`` → `TaskHandle.to_dict()`.
+    async def _settle_records(
+        self, store: TaskStore, records: builtins.list[Record], leases: dict[str, bool]
+    ) -> None:
+        """Make store records answers: without their owner (and without the
+        exception's message unless `expose_errors`), unfinished ones whose
+        owner's lease has lapsed ``lost`` (`leases` caches the owners asked)."""
+        for record in records:
+            owner = record.pop("owner", None)
+            if not self.expose_errors:
+                record.pop("error_message", None)
+            if record["status"] not in UNFINISHED:
+                continue
+            if not isinstance(owner, str):
+                alive = False
+            elif owner in leases:
+                alive = leases[owner]
+            else:
+                alive = leases[owner] = await store.lease_alive(owner)
+            if not alive:
+                record["status"] = TaskStatus.LOST.value
 
-        It answers from `lookup()`: with a store, for the tasks of every
-        process sharing it. Unknown, expired or malformed ids get `404`;
-        `503` if the store cannot be reached in `store_timeout`, or if the
+    def router(self, prefix: str = "", *, allow_cancel: bool = False, **kwargs: Any) -> APIRouter:
+        """A FastAPI router for the tasks' records, under `prefix`:
+
+        - ``GET {prefix}/{task_id}``: a task's record (`lookup()`); unknown,
+          expired or malformed ids get `404`.
+        - ``GET {prefix}``: a page of records, newest first (`list()`; query
+          parameters ``status`` (repeatable), ``name``, ``since``, ``limit``,
+          ``cursor``).
+        - ``GET {prefix}/stats``: counts and durations per task (`stats()`;
+          ``window`` in seconds).
+        - With `allow_cancel`, ``POST {prefix}/{task_id}/cancel``: `cancel()`
+          (`202`, `404` unknown, `409` finished). It refuses a request a
+          cross-site form could send (`403`): send it with an
+          ``X-Requested-With`` header or a JSON body.
+
+        With a store, they answer for the tasks of every process sharing it;
+        `503` if the store cannot answer in `store_timeout`, or if the
         tracker's lifespan is not running (the detail says how to install
-        it). OpenAPI documents the record's fields. Keyword arguments go to
-        `fastapi.APIRouter` (``tags=``, ``dependencies=`` for auth, ...).
+        it). OpenAPI documents every answer. Keyword arguments go to
+        `fastapi.APIRouter`: ``tags=``, and ``dependencies=`` for auth (the
+        routes are served only where you include the router).
         """
         from ._router import status_router
 
-        router = status_router(self.lookup, prefix, **kwargs)
+        if not isinstance(allow_cancel, bool):
+            raise ValueError(f"allow_cancel must be True or False, got {allow_cancel!r}")
+        router = status_router(self, prefix, allow_cancel=allow_cancel, **kwargs)
+        self.cancel_allowed = self.cancel_allowed or allow_cancel
+        for route in router.routes:
+            owned_by_tracker[getattr(route, "endpoint", None)] = self
+        return router
+
+    def dashboard(
+        self, prefix: str = "/tasks/dashboard", *, allow_cancel: bool | None = None, **kwargs: Any
+    ) -> APIRouter:
+        """A FastAPI router serving a live dashboard of the tasks at ``GET {prefix}``.
+
+        One self-contained page (no CDN, no build step, works offline):
+        totals and per-task cards, the recent tasks with status filters and
+        a name search, a task's details, live updates over server-sent events
+        (``GET {prefix}/events``). With `allow_cancel` (by default: whether
+        a `router()` of this tracker allows cancel), a cancel button, served
+        by ``POST {prefix}/tasks/{task_id}/cancel``. It never shows a task's
+        arguments, nor exception messages unless `expose_errors`. It sends a
+        snapshot every `refresh` seconds (default 2), with the stats of the
+        last `window` seconds (default 3600). The page allows no request
+        outside the app (a Content-Security-Policy says so to the browser).
+
+        Other keyword arguments go to `fastapi.APIRouter`: pass
+        ``dependencies=[Depends(your_auth)]``: every route of it, the event
+        stream included, goes through them. Off until you include it.
+        """
+        from ._dashboard import dashboard_router
+
+        if allow_cancel is not None and not isinstance(allow_cancel, bool):
+            raise ValueError(f"allow_cancel must be True, False or None, got {allow_cancel!r}")
+        router = dashboard_router(self, prefix, allow_cancel, **kwargs)
         for route in router.routes:
             owned_by_tracker[getattr(route, "endpoint", None)] = self
         return router
@@ -469,7 +558,13 @@ class TaskTracker:
             self._loop = None
 
     async def _start_writer(self, store: TaskStore) -> None:
-        writer = StoreWriter(store, lease_ttl=self.lease_ttl, history_ttl=self._ledger.history_ttl)
+        writer = StoreWriter(
+            store,
+            lease_ttl=self.lease_ttl,
+            history_ttl=self._ledger.history_ttl,
+            expose_errors=self.expose_errors,
+            on_cancel=self._cancel_here,
+        )
         try:
             with anyio.fail_after(self.store_timeout):
                 await writer.start()
@@ -563,6 +658,166 @@ class TaskTracker:
             ledger.failed,
             ledger.abandoned,
         )
+
+    # The console: never on the request path of the application's endpoints.
+
+    async def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
+        """Cancel a pending or running task of any process sharing the store.
+
+        It ends ``cancelled``, with `task_abandoned` and a WARNING saying
+        `reason`: at once in this process; through the store in another,
+        which picks the request up within about a second. A running `def`
+        task's thread cannot be interrupted: its handle ends ``cancelled``,
+        and the thread finishes on its own. The tasks queued after it in its
+        request still run. Returns whether the task was found unfinished
+        (and not in a taskiq worker, which this cannot reach).
+
+        Raises `NotServing` if the lifespan is not running, and what the store
+        raises, or `TimeoutError` past `store_timeout`.
+        """
+        if not self.serving:
+            raise NotServing(NOT_SERVING)
+        if not isinstance(reason, str) or not reason:
+            raise ValueError(f"reason must be a non-empty string (a sentence), got {reason!r}")
+        if not isinstance(task_id, str) or not _is_task_id(task_id.lower()):
+            return False
+        task_id = task_id.lower()
+        if self._cancel_here(task_id, reason):
+            return True
+        store = self.store
+        if not isinstance(store, ConsoleStore):
+            return False
+        with anyio.fail_after(self.store_timeout):
+            record = await store.get(task_id)
+            owner = None if record is None else record.get("owner")
+            if (
+                record is None
+                or record["status"] not in UNFINISHED
+                or not isinstance(owner, str)
+                or owner.startswith(TASKIQ_OWNER)
+                or not await store.lease_alive(owner)
+            ):
+                return False
+            await store.request_cancel(owner, task_id, reason)
+        return True
+
+    def _cancel_here(self, task_id: str, reason: str) -> bool:
+        entry = self._ledger.live.get(task_id)
+        if entry is None:
+            return False
+        handle, tasks = entry
+        tasks.cancel_task(handle, reason)
+        return True
+
+    async def list(
+        self,
+        status: str | Collection[str] | None = None,
+        name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """A page of task records, newest first: ``{"items": [...], "next_cursor": ...}``.
+
+        The records (`TaskHandle.to_dict()`, never arguments) of every process
+        sharing the store, or of this process without one (its history:
+        `history_size`, `history_ttl`); this process's unfinished tasks are
+        read from memory. Only those whose status is `status` (one, or
+        several: ``pending``, ``running``, ``done``, ``failed``,
+        ``cancelled``, ``lost``), whose name is `name`, queued at or after
+        `since` (a naive datetime is UTC). `limit` (1 to 1000) records at most
+        per page; pass `next_cursor` as `cursor` for the next page (`None`:
+        the last page). Paging visits every record once. A page filtered on
+        ``lost`` (or ``running``, ``pending``) may hold fewer than `limit`
+        while more follow.
+
+        Raises `ValueError` for an argument out of range (the router: 400),
+        `NotServing` if the lifespan is not running, what the store raises or
+        `TimeoutError` past `store_timeout` (503), and `TypeError` if the
+        store lacks ``query()`` (see `TaskStore`).
+        """
+        if not self.serving:
+            raise NotServing(NOT_SERVING)
+        wanted = wanted_statuses(status)
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name must be a task name (a string), or None; got {name!r}")
+        low = since_seconds(since)
+        if not _is_count(limit, 1) or limit > MAX_PAGE:
+            raise ValueError(f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}")
+        before = None if cursor is None else decode_cursor(cursor)
+        stored = stored_statuses(wanted)
+        store = self.store
+        found: builtins.list[Record] = []
+        if store is not None:
+            if not isinstance(store, ConsoleStore):
+                raise TypeError(
+                    f"The task store {store!r} lacks what list() and stats() need:"
+                    f" implement query(), request_cancel() and cancel_requests()"
+                    f" (see fastapi_bgplus.ConsoleStore)"
+                )
+            with anyio.fail_after(self.store_timeout):
+                found = await store.query(
+                    statuses=stored, name=name, since=low, before=before, limit=limit
+                )
+                await self._settle_records(store, found, {})
+        # This process's tasks from memory: the unfinished, and those whose
+        # records the store does not have yet; without a store, the history.
+        ledger = self._ledger
+        local = ledger.in_flight()
+        if self._writer is not None:
+            local += self._writer.unwritten()
+        elif store is None:
+            ledger.expire()
+            local += builtins.list(ledger.history.values())
+        by_id = {record["task_id"]: record for record in found}
+        for handle in local:
+            if stored is not None and handle.status.value not in stored:
+                continue
+            if name is not None and handle.name != name:
+                continue
+            record = record_of(handle, self.expose_errors)
+            key = key_of(record)
+            if (low is None or key[0] >= low) and (before is None or key < before):
+                by_id[handle.task_id] = record
+        ordered = sorted(by_id.values(), key=key_of, reverse=True)
+        page = ordered[:limit]
+        more = len(ordered) > limit or len(found) == limit
+        return {
+            "items": [r for r in page if wanted is None or r["status"] in wanted],
+            "next_cursor": encode_cursor(key_of(page[-1])) if more and page else None,
+        }
+
+    async def stats(self, window: float = 3600.0) -> dict[str, Any]:
+        """Counts and durations of the tasks queued in the last `window` seconds.
+
+        ``{"window_s", "complete", "total": {...}, "tasks": {name: {...}}}``:
+        for all tasks and per task name, ``count``, ``statuses`` (a count per
+        status), ``in_flight`` (pending or running now, whenever queued),
+        ``p50_s`` and ``p95_s`` (durations of the tasks that ran to done or
+        failed), ``failure_rate`` (failed / (done + failed)). Across every
+        process sharing the store. It reads the newest 10,000 records of the
+        window at most: ``complete`` says whether that was all of them.
+        Raises as `list()` does (and `ValueError` for a window out of range).
+        """
+        _check_seconds("window", window, "", positive=True, finite=True)
+        with anyio.fail_after(self.store_timeout):
+            since = datetime.now(timezone.utc) - timedelta(seconds=window)
+            records, complete = await self._read_all(since=since)
+            in_flight, _ = await self._read_all(status=("pending", "running"))
+        return summarize(records, in_flight, window, complete)
+
+    async def _read_all(self, **filters: Any) -> tuple[builtins.list[Record], bool]:
+        """Every record `list(**filters)` pages through, up to `STATS_LIMIT`;
+        and whether that was all."""
+        records: builtins.list[Record] = []
+        cursor = None
+        while len(records) < STATS_LIMIT:
+            page = await self.list(**filters, limit=MAX_PAGE, cursor=cursor)
+            records += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return records, True
+        return records, False
 
 
 def _is_task_id(text: str) -> bool:

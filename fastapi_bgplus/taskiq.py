@@ -27,7 +27,7 @@ from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware, Ta
 from ._backend import current_library
 from ._handle import TaskHandle
 from ._report import Reporter
-from ._store import FINISHED
+from ._store import FINISHED, TASKIQ_OWNER
 from ._tracker import DEFAULT_HISTORY_TTL
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class TrackingMiddleware(TaskiqMiddleware):
         self.store = store
         self.lease_ttl = lease_ttl
         self.history_ttl = history_ttl
-        self.owner = os.urandom(16).hex()
+        self.owner = TASKIQ_OWNER + os.urandom(16).hex()
         self._running: dict[str, TaskHandle] = {}
         self._created: dict[str, str] = {}  # when it was sent, by task id (from the store)
         self._contexts: dict[str, Any] = {}  # OpenTelemetry context tokens, by task id
@@ -195,7 +195,7 @@ class TrackingMiddleware(TaskiqMiddleware):
     async def startup(self) -> None:
         # A new lease per process: the worker's processes may be forked
         # from one that built this middleware.
-        self.owner = os.urandom(16).hex()
+        self.owner = TASKIQ_OWNER + os.urandom(16).hex()
         await self._renew()
         self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 

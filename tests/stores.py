@@ -2,7 +2,7 @@
 
 `store` is a parametrized fixture: for each entry of `STORES`, it is the
 value of the named fixture, a fresh, empty store that the fixture closes
-after the test. To run the suite against your own `TaskStore`, write such a
+after the test. To run the suite against your own `ConsoleStore`, write such a
 fixture (it may use others: a server, a temporary directory; or skip) and
 add its name to `STORES`. `tests/conftest.py` re-exports these fixtures.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fastapi_bgplus import MemoryStore, RedisStore, SQLiteStore, TaskStore
+from fastapi_bgplus import ConsoleStore, MemoryStore, RedisStore, SQLiteStore
 from tests.redis_server import RedisServer
 
 STORES = {
@@ -33,21 +33,21 @@ ASYNCIO_ONLY = "RedisStore runs on asyncio only: redis-py's asyncio client needs
 
 
 @pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest) -> TaskStore:
+def store(request: pytest.FixtureRequest) -> ConsoleStore:
     """A new, empty store of each kind in `STORES`."""
-    made: TaskStore = request.getfixturevalue(STORES[request.param])
+    made: ConsoleStore = request.getfixturevalue(STORES[request.param])
     return made
 
 
 @pytest.fixture
-async def memory_store() -> AsyncIterator[TaskStore]:
+async def memory_store() -> AsyncIterator[ConsoleStore]:
     store = MemoryStore()
     yield store
     await store.aclose()
 
 
 @pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[TaskStore]:
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[ConsoleStore]:
     store = SQLiteStore(tmp_path / "tasks.db")
     yield store
     await store.aclose()

@@ -9,12 +9,14 @@ is `tests/test_store_contract.py`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -687,3 +689,38 @@ def test_import_does_not_import_sqlite3_and_other_names_are_missing() -> None:
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchStore'"):
         fastapi_bgplus.NoSuchStore  # noqa: B018
     assert fastapi_bgplus.SQLiteStore is SQLiteStore
+
+
+@pytest.mark.anyio
+async def test_a_sqlite_database_written_by_0_2_is_read_and_queried(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    old = sqlite3.connect(path)  # fastapi-bgplus 0.2's tables, with one record
+    old.executescript(
+        "CREATE TABLE bgplus_tasks (task_id TEXT PRIMARY KEY, record TEXT NOT NULL,"
+        " expires_at REAL);"
+        "CREATE TABLE bgplus_leases (owner TEXT PRIMARY KEY, expires_at REAL NOT NULL);"
+    )
+    written: dict[str, Any] = {
+        "task_id": "a" * 32,
+        "name": "app.send",
+        "status": "failed",
+        "created_at": "2026-01-02T03:04:05.678901+00:00",
+        "started_at": None,
+        "finished_at": None,
+        "duration_s": None,
+        "error": "ValueError",
+        "attempts": 1,
+        "owner": "1-00",
+    }
+    old.execute("INSERT INTO bgplus_tasks VALUES (?, ?, NULL)", ("a" * 32, json.dumps(written)))
+    old.commit()
+    old.close()
+    store = SQLiteStore(path)
+    try:
+        assert await store.get("a" * 32) == written
+        assert await store.query(statuses={"failed"}, name="app.send") == [written]
+        since = datetime.fromisoformat(written["created_at"]).timestamp()
+        assert await store.query(since=since - 0.001) == [written]
+        assert await store.query(since=since + 0.001) == []
+    finally:
+        await store.aclose()

@@ -6,15 +6,22 @@ processes, which share the task store named by ``BGPLUS_STORE``
 and answers their ids; ``POST /fail`` queues one that raises. Every response
 carries the pid of the worker that answered, in ``x-worker-pid``. The lease
 lasts ``BGPLUS_LEASE_TTL`` seconds.
+
+The console: ``/tasks`` allows cancel, and the dashboard at
+``/tasks/dashboard`` asks for HTTP Basic credentials (``ops`` and the
+password in ``BGPLUS_CONSOLE_PASSWORD``), the recipe of docs/console.md.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+from typing import Annotated
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fastapi_bgplus
@@ -36,7 +43,20 @@ tracker = TaskTracker(
     drain_timeout=1.0,
 )
 app = FastAPI(lifespan=tracker.lifespan)
-app.include_router(tracker.router(prefix="/tasks"))
+app.include_router(tracker.router(prefix="/tasks", allow_cancel=True))
+
+basic = HTTPBasic()
+PASSWORD = os.environ.get("BGPLUS_CONSOLE_PASSWORD", "change me").encode()
+
+
+def operator(credentials: Annotated[HTTPBasicCredentials, Depends(basic)]) -> None:
+    user_ok = secrets.compare_digest(credentials.username.encode(), b"ops")
+    password_ok = secrets.compare_digest(credentials.password.encode(), PASSWORD)
+    if not (user_ok and password_ok):
+        raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Basic"})
+
+
+app.include_router(tracker.dashboard("/tasks/dashboard", dependencies=[Depends(operator)]))
 
 
 class WorkerPid:
