@@ -36,7 +36,8 @@ class TaskIdConvertor(Convertor[str]):
     dashboard's ``/tasks/dashboard``. Starlette's own way to add a
     convertor, under a name of this package's."""
 
-    regex = "[0-9a-fA-F]{32}"
+    # Not before a newline: Starlette's ``$`` would match there.
+    regex = "[0-9a-fA-F]{32}(?!\n)"
 
     def convert(self, value: str) -> str:
         return value.lower()  # ids are lowercase; the uppercase spelling is accepted

@@ -193,6 +193,11 @@ async def test_keys_values_and_expiries_in_redis(
         key,
         f"{store.prefix}task:{kept['task_id']}",
         f"{store.prefix}lease:owner-1",
+        # The console's indexes (sorted sets), and when each record expires.
+        f"{store.prefix}by:all",
+        *(f"{store.prefix}by:status:{status}" for status in ("pending", "done", "failed")),
+        *(f"{store.prefix}by:name:{s}:app.send_email" for s in ("pending", "done", "failed")),
+        f"{store.prefix}expiry",
     }
     assert await raw.get(key) == (
         f'{{"task_id":"{done["task_id"]}","name":"app.send_email","status":"done",'

@@ -509,7 +509,6 @@ def test_the_status_route_serves_the_handle(
         "\u0660" * 32,  # Arabic-Indic digits: \d would take them, [0-9] does not
         "\uff10" * 32,  # fullwidth zeros
         "{id}%00",
-        "",
     ],
 )
 def test_the_status_route_answers_404_to_any_other_id(

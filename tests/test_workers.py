@@ -15,6 +15,8 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -111,3 +113,50 @@ def test_every_worker_answers_for_every_task_and_a_killed_workers_task_is_lost(
         assert int(response.headers["x-worker-pid"]) != victim
         elapsed = time.monotonic() - killed
         print(f"lookups: {answers}, by worker: {dict(answered_by)}; lost after {elapsed:.2f} s")
+
+
+@contextmanager
+def connection_to_another_worker(server: Server, pid: str) -> Iterator[httpx2.Client]:
+    """A kept-alive connection answered by a worker other than `pid` (so
+    every request sent on it reaches that worker)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        client = httpx2.Client(base_url=server.url)
+        if client.get("/health").headers["x-worker-pid"] != pid:
+            break
+        client.close()
+        assert time.monotonic() < deadline, "no connection reached another worker"
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_the_list_and_a_cancel_reach_the_tasks_of_the_other_worker(
+    tmp_path: Path, store_url: str
+) -> None:
+    env = {"BGPLUS_STORE": store_url}
+    with uvicorn(tmp_path, "--workers", "2", app="tests.apps.workers:app", env=env) as server:
+        wait_for_workers(server, 2)
+        response = httpx2.post(f"{server.url}/queue", params={"count": 1, "seconds": 60})
+        (task_id,) = response.json()
+        runner = response.headers["x-worker-pid"]
+        with connection_to_another_worker(server, runner) as other:
+            deadline = time.monotonic() + 5.0
+            while True:  # the other worker lists it as running
+                listed = other.get("/tasks", params={"status": "running"})
+                if task_id in [record["task_id"] for record in listed.json()["items"]]:
+                    break
+                assert time.monotonic() < deadline, "the other worker never listed it"
+                time.sleep(0.05)
+            cancel = other.post(f"/tasks/{task_id}/cancel", headers={"X-Requested-With": "test"})
+            assert cancel.status_code == 202, cancel.text
+            assert cancel.headers["x-worker-pid"] != runner
+            asked = time.monotonic()
+            while other.get(f"/tasks/{task_id}").json()["status"] != "cancelled":
+                assert time.monotonic() - asked < 2.0, "the cancel never reached the task"
+                time.sleep(0.05)
+            print(f"cancelled from the other worker in {time.monotonic() - asked:.2f} s")
+            stats = other.get("/tasks/stats").json()
+            assert stats["total"]["statuses"]["cancelled"] == 1
+            assert stats["tasks"]["tests.apps.workers.sleep"]["statuses"]["cancelled"] == 1
