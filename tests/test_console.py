@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -694,7 +694,7 @@ async def test_the_event_stream_says_so_when_the_tracker_does_not_serve() -> Non
         await anyio.sleep(DEADLINE)
         return {"type": "http.disconnect"}  # pragma: no cover
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         received.append(message.get("body", b""))
 
     scope = {

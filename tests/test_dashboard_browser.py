@@ -86,7 +86,9 @@ def test_the_dashboard_shows_filters_details_updates_live_and_cancels(
                 lambda message: errors.append(message.text) if message.type == "error" else None,
             )
             expect.set_options(timeout=DEADLINE_MS)
-            assert page.goto(f"{server.url}/tasks/dashboard").status == 200
+            loaded = page.goto(f"{server.url}/tasks/dashboard")
+            assert loaded is not None
+            assert loaded.status == 200
 
             # The counts and the tasks.
             expect(page.get_by_test_id("live")).to_have_text("live")
