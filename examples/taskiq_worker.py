@@ -18,23 +18,23 @@ import os
 from typing import Any
 
 import anyio
-from taskiq_redis import RedisStreamBroker
 
 from fastapi_bgplus import RedisStore, signals
 from fastapi_bgplus.taskiq import TrackingMiddleware
+from fastapi_bgplus.taskiq_redis import ReclaimingRedisStreamBroker
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
 
 logger = logging.getLogger("examples.taskiq_worker")
 
 store = RedisStore(REDIS_URL)  # the task store: this worker writes, the web app reads
-broker = RedisStreamBroker(
+# taskiq-redis's RedisStreamBroker, reclaiming a dead worker's messages on a
+# quiet queue too, and stopping on SIGTERM (see docs/taskiq.md).
+broker = ReclaimingRedisStreamBroker(
     REDIS_URL,
     # A message is acknowledged once its task has run: a worker that dies
     # mid-task leaves it to another, after idle_timeout (ms) without an ack.
     idle_timeout=60_000,
-    # Frees the redelivery lock if a worker dies holding it.
-    unacknowledged_lock_timeout=5.0,
 ).with_middlewares(TrackingMiddleware(store))
 
 

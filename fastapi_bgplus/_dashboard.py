@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 
 __all__ = ["dashboard_router"]
 
-STREAM_SECONDS = 30.0
-"""How long one event stream lasts; the browser then reconnects at once. A
-stream that ends on its own never holds up a server's graceful shutdown for
-long (servers wait for open responses before running the lifespan's)."""
 
 PAGE_SIZE = 100
 """Recent tasks the dashboard's table shows."""
@@ -38,10 +34,15 @@ def dashboard_router(
     *,
     refresh: float = 2.0,
     window: float = 3600.0,
+    stream_seconds: float = 30.0,
     **kwargs: Any,
 ) -> APIRouter:
     """The routes of `TaskTracker.dashboard()` (see there)."""
-    for name, value in (("refresh", refresh), ("window", window)):
+    for name, value in (
+        ("refresh", refresh),
+        ("window", window),
+        ("stream_seconds", stream_seconds),
+    ):
         if (
             not isinstance(value, (int, float))
             or isinstance(value, bool)
@@ -84,7 +85,7 @@ def dashboard_router(
         name: Annotated[str | None, Query()] = None,
     ) -> StreamingResponse:
         return StreamingResponse(
-            _events(tracker, status, name, refresh, window),
+            _events(tracker, status, name, refresh, window, stream_seconds),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -116,11 +117,12 @@ async def _events(
     name: str | None,
     refresh: float,
     window: float,
+    stream_seconds: float,
 ) -> AsyncIterator[str]:
     """A snapshot (stats and the recent tasks) every `refresh` seconds, for
-    `STREAM_SECONDS`; a ``problem`` event while the tracker cannot answer."""
+    `stream_seconds`; a ``problem`` event while the tracker cannot answer."""
     yield f"retry: {int(refresh * 1000)}\n\n"
-    deadline = anyio.current_time() + STREAM_SECONDS
+    deadline = anyio.current_time() + stream_seconds
     while anyio.current_time() < deadline:
         try:
             snapshot = {

@@ -151,17 +151,18 @@ class Unavailable(BaseModel):
 
 async def answer(call: Awaitable[T]) -> T:
     """Await a tracker call for a route, with its failures as HTTP errors:
-    400 for a bad argument, 503 when the tracker is not serving (saying how
-    to install it) or the store cannot answer in time (not logged per
-    request: the store's writer warns, once per window)."""
+    400 for a bad argument, 501 for a store that cannot list, 503 when the
+    tracker is not serving (saying how to install it) or the store cannot
+    answer in time (not logged per request: the store's writer warns, once
+    per window)."""
     try:
         return await call
     except NotServing as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
-    except TypeError:
-        raise  # a store without the console's methods: a bug to fix, not a 503
+    except NotImplementedError as exc:  # a store without the console's methods
+        raise HTTPException(status_code=501, detail=str(exc)) from exc
     except Exception as exc:
         raise HTTPException(status_code=503, detail="Task store unavailable") from exc
 

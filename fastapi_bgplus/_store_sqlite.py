@@ -302,13 +302,17 @@ class SQLiteStore:
 
 
 def _migrate(connection: sqlite3.Connection) -> None:
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(bgplus_tasks)")}
-    if "created" in columns:
+    if _has_query_columns(connection):  # the common case: no write lock taken
         return
-    connection.execute("BEGIN IMMEDIATE")  # another worker may be migrating too
+    connection.execute("BEGIN IMMEDIATE")
     with connection:
-        columns = {row[1] for row in connection.execute("PRAGMA table_info(bgplus_tasks)")}
-        if "created" not in columns:
+        # Another worker may have migrated it meanwhile.
+        if not _has_query_columns(connection):  # pragma: no branch
             for statement in _MIGRATION.split(";"):
                 if statement.strip():
                     connection.execute(statement)
+
+
+def _has_query_columns(connection: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(bgplus_tasks)")}
+    return "created" in columns

@@ -451,6 +451,9 @@ class TaskTracker:
         snapshot every `refresh` seconds (default 2), with the stats of the
         last `window` seconds (default 3600). The page allows no request
         outside the app (a Content-Security-Policy says so to the browser).
+        One event stream lasts `stream_seconds` (default 30), then the
+        browser reconnects: a server's graceful shutdown, which waits for
+        open responses, waits at most that long for an open dashboard.
 
         Other keyword arguments go to `fastapi.APIRouter`: pass
         ``dependencies=[Depends(your_auth)]``: every route of it, the event
@@ -733,8 +736,8 @@ class TaskTracker:
 
         Raises `ValueError` for an argument out of range (the router: 400),
         `NotServing` if the lifespan is not running, what the store raises or
-        `TimeoutError` past `store_timeout` (503), and `TypeError` if the
-        store lacks ``query()`` (see `TaskStore`).
+        `TimeoutError` past `store_timeout` (503), and `NotImplementedError`
+        if the store is not a `ConsoleStore` (501).
         """
         if not self.serving:
             raise NotServing(NOT_SERVING)
@@ -750,7 +753,7 @@ class TaskTracker:
         found: builtins.list[Record] = []
         if store is not None:
             if not isinstance(store, ConsoleStore):
-                raise TypeError(
+                raise NotImplementedError(
                     f"The task store {store!r} lacks what list() and stats() need:"
                     f" implement query(), request_cancel() and cancel_requests()"
                     f" (see fastapi_bgplus.ConsoleStore)"
@@ -764,11 +767,11 @@ class TaskTracker:
         # records the store does not have yet; without a store, the history.
         ledger = self._ledger
         local = ledger.in_flight()
-        if self._writer is not None:
-            local += self._writer.unwritten()
-        elif store is None:
+        if store is None:
             ledger.expire()
             local += builtins.list(ledger.history.values())
+        else:
+            local += self._writer.unwritten() if self._writer else []
         by_id = {record["task_id"]: record for record in found}
         for handle in local:
             if stored is not None and handle.status.value not in stored:

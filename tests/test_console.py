@@ -144,6 +144,7 @@ async def test_list_filters_by_status_name_and_time() -> None:
         ({"limit": 0}, "limit must be an int from 1 to 1000"),
         ({"limit": 1001}, "limit must be an int from 1 to 1000"),
         ({"cursor": "not-a-cursor"}, "pass the next_cursor of the previous page"),
+        ({"cursor": "WyJ4IiwgMV0"}, "pass the next_cursor of the previous page"),  # ["x", 1]
         ({"since": 12.5}, "since must be a datetime"),
         ({"name": 3}, "name must be a task name"),
     ],
@@ -205,12 +206,22 @@ async def test_an_unfinished_task_of_a_dead_process_lists_as_lost() -> None:
         "attempts": 1,
         "owner": "4242-deaddeaddeaddead",  # no lease: the process is gone
     }
-    await store.put([record], history_ttl=None)
+    asked: list[str] = []
+
+    class Counting(MemoryStore):
+        async def lease_alive(self, owner: str) -> bool:
+            asked.append(owner)
+            return await super().lease_alive(owner)
+
+    store = Counting()
+    await store.put([record, {**record, "task_id": "e" * 32}], history_ttl=None)
     tracker = TaskTracker(store=store)
     async with tracker.lifespan(None):
-        (lost,) = (await tracker.list(status="lost"))["items"]
-        assert lost["status"] == "lost"
+        lost, also_lost = (await tracker.list(status="lost"))["items"]
+        assert lost["status"] == also_lost["status"] == "lost"
+        assert asked == ["4242-deaddeaddeaddead"]  # one question per owner and page
         assert "owner" not in lost
+        await store.put([{**record, "task_id": "e" * 32, "status": "done"}], history_ttl=None)
         assert (await tracker.list(status="running"))["items"] == []
         stats = await tracker.stats()
         assert stats["tasks"]["app.resize"]["statuses"]["lost"] == 1
@@ -242,7 +253,7 @@ async def test_a_store_without_the_console_methods_says_what_it_lacks() -> None:
     async with tracker.lifespan(None) as state:
         (handle,) = await run(state, noop)
         assert (await tracker.lookup(handle.task_id)) is not None
-        with pytest.raises(TypeError, match=r"implement query\(\).*ConsoleStore"):
+        with pytest.raises(NotImplementedError, match=r"implement query\(\).*ConsoleStore"):
             await tracker.list()
         assert not await tracker.cancel("e" * 32)
 
@@ -597,12 +608,10 @@ def dashboard_app(tracker: TaskTracker, **dashboard: Any) -> FastAPI:
     return app
 
 
-async def first_events(app: Any, path: str, query: bytes = b"") -> str:
-    """What the event stream at `path` sends until its first snapshot, over
-    raw ASGI; then the client goes away."""
-    received: list[bytes] = []
-    snapshot = anyio.Event()
-    scope = {
+def events_scope(query: bytes = b"") -> dict[str, Any]:
+    """A GET of the dashboard's event stream, with the operator's credentials."""
+    path = "/tasks/dashboard/events"
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -616,6 +625,14 @@ async def first_events(app: Any, path: str, query: bytes = b"") -> str:
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
     }
+
+
+async def first_events(app: Any, query: bytes = b"") -> str:
+    """What the event stream sends until its first snapshot, over
+    raw ASGI; then the client goes away."""
+    received: list[bytes] = []
+    snapshot = anyio.Event()
+    scope = events_scope(query)
     asked = False
 
     async def receive() -> dict[str, Any]:
@@ -671,7 +688,7 @@ async def test_the_event_stream_sends_stats_and_the_recent_tasks() -> None:
     app = dashboard_app(tracker, refresh=0.05)
     async with tracker.lifespan(app) as state:
         _, failed = await run(state, noop, boom)
-        text = await first_events(app, "/tasks/dashboard/events", b"status=failed")
+        text = await first_events(app, b"status=failed")
     assert text.startswith("retry: 50\n\n")
     data = next(
         line.removeprefix("data: ")
@@ -697,22 +714,8 @@ async def test_the_event_stream_says_so_when_the_tracker_does_not_serve() -> Non
     async def send(message: MutableMapping[str, Any]) -> None:
         received.append(message.get("body", b""))
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/tasks/dashboard/events",
-        "raw_path": b"/tasks/dashboard/events",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"authorization", b"Basic b3BzOnBhc3M=")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
     with anyio.fail_after(DEADLINE):
-        await app(scope, receive, send)  # the stream ends at once
+        await app(events_scope(), receive, send)  # the stream ends at once
     text = b"".join(received).decode()
     assert "event: problem" in text
     assert "not serving" in text
@@ -769,3 +772,201 @@ def test_the_dashboard_follows_the_router_on_cancel(anyio_backend: Backend) -> N
 def test_dashboard_refuses_bad_arguments(arguments: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TaskTracker().dashboard(**arguments)
+
+
+# Edges
+
+
+def test_console_options_refuse_what_is_not_a_bool() -> None:
+    with pytest.raises(ValueError, match="expose_errors must be True or False"):
+        TaskTracker(expose_errors="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="allow_cancel must be True or False"):
+        TaskTracker().router("/tasks", allow_cancel=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stream_seconds must be a number of seconds > 0"):
+        TaskTracker().dashboard(stream_seconds=-1)
+
+
+async def test_each_process_shows_messages_by_its_own_choice() -> None:
+    store = MemoryStore()
+    shows, hides = TaskTracker(store=store, expose_errors=True), TaskTracker(store=store)
+    async with shows.lifespan(None) as state, hides.lifespan(None) as hides_state:
+        (failed,) = await run(state, boom)
+        started = time.monotonic()
+        while (await hides.lookup(failed.task_id)) is None:
+            assert time.monotonic() - started < DEADLINE
+            await anyio.sleep(0.02)
+        assert (await shows.lookup(failed.task_id) or {})["error_message"] == MESSAGE
+        assert "error_message" not in (await hides.lookup(failed.task_id) or {})
+        assert "error_message" not in (await hides.list())["items"][0]
+        # What `hides` writes holds no message, whoever reads it.
+        (hidden,) = await run(hides_state, boom)
+        started = time.monotonic()
+        while (await shows.lookup(hidden.task_id)) is None:
+            assert time.monotonic() - started < DEADLINE
+            await anyio.sleep(0.02)
+        assert (await shows.list())["items"][0]["task_id"] == hidden.task_id
+        assert "error_message" not in (await shows.list())["items"][0]
+
+
+async def test_a_record_without_an_owner_is_lost_and_a_taskiq_workers_is_not_cancelled() -> None:
+    store = MemoryStore()
+    now = datetime.now(timezone.utc).isoformat()
+    base = {
+        "name": "app.job",
+        "status": "running",
+        "created_at": now,
+        "started_at": now,
+        "finished_at": None,
+        "duration_s": None,
+        "error": None,
+        "attempts": 1,
+    }
+    await store.renew_lease("taskiq-0123", 60.0)
+    await store.put(
+        [
+            {**base, "task_id": "1" * 32},  # no owner: nobody renews it
+            {**base, "task_id": "2" * 32, "owner": "taskiq-0123"},
+        ],
+        history_ttl=None,
+    )
+    tracker = TaskTracker(store=store)
+    app = FastAPI(lifespan=tracker.lifespan)
+    app.include_router(tracker.router("/tasks", allow_cancel=True))
+    with TestClient(app) as client:
+        assert client.get(f"/tasks/{'1' * 32}").json()["status"] == "lost"
+        assert client.get(f"/tasks/{'2' * 32}").json()["status"] == "running"
+        refused = client.post(f"/tasks/{'2' * 32}/cancel", headers={"X-Requested-With": "x"})
+        assert refused.status_code == 409
+        assert "taskiq worker" in refused.json()["detail"]
+        lost = client.post(f"/tasks/{'1' * 32}/cancel", headers={"X-Requested-With": "x"})
+        assert lost.status_code == 409
+        assert lost.json()["detail"] == "The task has already ended lost"
+
+
+def test_a_store_that_cannot_list_answers_501_saying_what_it_lacks() -> None:
+    class LookupsOnly(MemoryStore):
+        query = None  # type: ignore[assignment]
+
+    tracker = TaskTracker(store=LookupsOnly())
+    with TestClient(console_app(tracker)) as client:
+        response = client.get("/tasks")
+        assert response.status_code == 501
+        assert "ConsoleStore" in response.json()["detail"]
+        assert client.get("/tasks/stats").status_code == 501
+
+
+def test_the_status_route_builds_its_own_url(anyio_backend: Backend) -> None:
+    tracker = TaskTracker()
+    app = console_app(tracker)
+
+    @app.post("/linked")
+    async def linked(background: BackgroundTasks) -> dict[str, str]:
+        handle = background.add_task(noop)
+        return {"status_url": app.url_path_for("task_status", task_id=handle.task_id)}
+
+    with TestClient(app, backend=anyio_backend) as client:
+        url = client.post("/linked").json()["status_url"]
+        assert client.get(url).json()["status"] == "done"
+
+
+async def test_stats_say_when_the_window_held_more_than_they_read() -> None:
+    tracker = TaskTracker(history_size=20_000)
+    async with tracker.lifespan(None) as state:
+        for _ in range(11):
+            await run(state, *[noop] * 1000)
+        stats = await tracker.stats()
+    assert stats["complete"] is False
+    assert stats["total"]["count"] == 10_000  # the newest
+
+
+async def test_cancel_twice_reports_once_and_a_direct_cancel_of_an_ended_task_does_nothing() -> (
+    None
+):
+    tracker = TaskTracker()
+    gate = Gate()
+    heard: list[str] = []
+
+    def abandoned(sender: Any, task_id: str, **kwargs: Any) -> None:
+        heard.append(task_id)
+
+    with signals.task_abandoned.connected_to(abandoned):
+        async with tracker.lifespan(None) as state:
+            tasks = collection(state)
+            handle = tasks.add_task(gate)
+            after = tasks.add_task(noop)
+            async with anyio.create_task_group() as group:
+                group.start_soon(tasks.run)
+                await gate.running.wait()
+                assert await tracker.cancel(handle.task_id)
+                assert await tracker.cancel(handle.task_id)  # still unwinding: the same cut
+            tasks.cancel_task(handle, "again")  # ended: nothing happens
+            tasks.cancel_task(after, "again")
+    assert heard == [handle.task_id]
+    assert after.status == "done"
+
+
+async def test_a_shutdown_while_one_task_is_being_cut_off_ends_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = TaskTracker(drain_timeout=0, shutdown_grace=DEADLINE)
+    running, unwinding, release = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def slow_to_stop() -> None:
+        running.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                unwinding.set()
+                await release.wait()
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.2)
+        release.set()
+
+    # The app shuts down (drain_timeout=0) while `first` is being cut off.
+    async with anyio.create_task_group() as group, tracker.lifespan(None) as state:
+        tasks = collection(state)
+        first = tasks.add_task(slow_to_stop)
+        rest = [tasks.add_task(noop), tasks.add_task(noop)]
+        group.start_soon(tasks.run)
+        await running.wait()
+        assert await tracker.cancel(first.task_id, reason="by the operator")
+        await unwinding.wait()
+        group.start_soon(release_soon)
+    assert first.status == "cancelled"
+    assert [handle.status for handle in rest] == ["cancelled", "cancelled"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for handle in rest:
+        assert any(handle.task_id in w and "drain_timeout" in w for w in warnings)
+
+
+async def test_an_event_stream_ends_on_its_own_and_says_when_the_store_fails() -> None:
+    class Failing(MemoryStore):
+        failing = False
+
+        async def query(self, **filters: Any) -> list[dict[str, Any]]:
+            if self.failing:
+                raise ConnectionError("the store is down")
+            return await super().query(**filters)
+
+    store = Failing()
+    tracker = TaskTracker(store=store)
+    app = dashboard_app(tracker, refresh=0.05, stream_seconds=0.3)
+    async with tracker.lifespan(app):
+        store.failing = True
+        received: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            await anyio.sleep(DEADLINE)
+            return {"type": "http.disconnect"}  # pragma: no cover
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            received.append(message.get("body", b""))
+
+        with anyio.fail_after(DEADLINE):
+            await app(events_scope(), receive, send)  # ends after stream_seconds
+    text = b"".join(received).decode()
+    assert text.count("event: problem") >= 2
+    assert "The task store is unavailable; retrying" in text
+    assert "the store is down" not in text

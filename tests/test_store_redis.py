@@ -472,3 +472,22 @@ async def until(tracker: Any, task_id: str, status: str) -> None:
             if record is not None and record["status"] == status:
                 return
             await anyio.sleep(0.05)
+
+
+async def test_expired_records_leave_the_query_indexes(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    gone, kept = record("done"), record("running")
+    await store.put([gone, kept], history_ttl=0.1)
+    await anyio.sleep(0.3)
+    assert [found["task_id"] for found in await store.query()] == [kept["task_id"]]
+    # A writer starting later purges what expired from the indexes.
+    later = RedisStore(raw, prefix=store.prefix)
+    await later.put([record("done")], history_ttl=60.0)
+    members = {
+        key: await raw.zrange(f"{store.prefix}{key}", 0, -1)
+        for key in ("by:all", "by:status:done", "by:name:done:app.send_email", "expiry")
+    }
+    for key, ids in members.items():
+        assert not any(gone["task_id"] in member for member in ids), key
+    assert kept["task_id"] in members["by:all"]

@@ -8,6 +8,7 @@ each test gets a stream and store prefix of its own on the session's Redis.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -309,3 +310,173 @@ def test_the_taskiq_example_runs_against_redis(
     assert f"task {task_id} done in" in worker_log
     assert "ada@example.com" not in worker_log
     assert "ada@example.com" not in server.log.read_text()
+
+
+@pytest.mark.parametrize("survivors", [1, 2])
+def test_a_dead_workers_tasks_run_again_with_no_new_traffic(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch, survivors: int
+) -> None:
+    """`ReclaimingRedisStreamBroker`: SIGKILL the worker holding tasks (running
+    and prefetched), send nothing more, start `survivors` workers: every task
+    runs again within about `idle_timeout` plus a read, and its record goes from
+    `lost` to `running` to `done` under the same id."""
+    monkeypatch.setenv("BGPLUS_BROKER", "reclaiming")
+    count = 60
+    with deployment.web() as server, httpx2.Client(base_url=server.url) as client:
+        ids: list[str] = client.post("/batch", params={"n": count, "seconds": 0.3}).json()
+        keys = {f"b{i}": task_id for i, task_id in enumerate(ids)}
+        with deployment.worker("worker-1") as first:
+
+            def mid_queue() -> bool:
+                runs = Counter(line.split()[0] for line in deployment.lines("runs.log"))
+                return runs["end"] >= 10 and runs["start"] - runs["end"] >= 5
+
+            until(mid_queue, 10, "10 tasks done and 5 running")
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        started = {line.split()[1] for line in deployment.lines("runs.log") if "start" in line}
+        ended = {line.split()[1] for line in deployment.lines("runs.log") if "end" in line}
+        cut = sorted(started - ended)
+        lost_id = keys[cut[0]]
+        until(
+            lambda: client.get(f"/tasks/{lost_id}").json()["status"] == "lost",
+            3,
+            "a cut task to read lost",
+        )
+        seen: list[str] = []
+
+        def all_done() -> list[dict[str, Any]] | None:
+            status = client.get(f"/tasks/{lost_id}").json()["status"]
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            records = deployment.records(ids)
+            if all(r is not None and r["status"] in FINAL for r in records):
+                return [r for r in records if r is not None]
+            return None
+
+        with contextlib.ExitStack() as workers:
+            restarted = time.monotonic()
+            for number in range(survivors):
+                workers.enter_context(deployment.worker(f"worker-{number + 2}"))
+            bound = IDLE_TIMEOUT_MS / 1000 + 10  # idle_timeout, reads, the tasks themselves
+            records = until(all_done, bound, "every task to run again, with no new message")
+            recovered = time.monotonic() - restarted
+    assert [r["status"] for r in records] == ["done"] * count
+    assert seen[0] == "lost"
+    assert seen[-1] == "done"
+    assert "running" in seen or seen == ["lost", "done"]  # a short run may fall between polls
+    by_key = dict(zip(keys, records, strict=True))
+    for key in cut:
+        assert by_key[key]["attempts"] >= 2, by_key[key]  # counted by the middleware
+    ends = Counter(line.split()[1] for line in deployment.lines("runs.log") if "end" in line)
+    assert set(ends) == set(keys)
+    print(
+        f"\n{survivors} survivor(s): {len(cut)} cut mid-run, all {count} done"
+        f" {recovered:.1f} s after the restart (idle_timeout {IDLE_TIMEOUT_MS / 1000} s);"
+        f" ran twice to the end: {sum(1 for n in ends.values() if n > 1)}; {lost_id}: {seen}"
+    )
+
+
+def test_the_reclaiming_broker_takes_a_dead_consumers_messages_on_a_quiet_stream(
+    redis_server: RedisServer,
+) -> None:
+    """Three messages taken by a consumer that died (never acknowledged), and
+    nothing sent after: taskiq-redis's own broker hands out nothing (upstream
+    issue #131: if this starts failing, the shim can go), only a message sent
+    later; the reclaiming one hands the three out, once idle for `idle_timeout`.
+
+    No read is cancelled here: a cancelled read is what redis-py can swallow
+    (the SIGTERM test); each generator is closed while it waits at a yield."""
+    import asyncio
+
+    import redis.asyncio
+    from taskiq.message import BrokerMessage
+    from taskiq_redis import RedisStreamBroker
+
+    from fastapi_bgplus.taskiq_redis import DEFAULT_LOCK_TIMEOUT, ReclaimingRedisStreamBroker
+
+    async def kick(broker: RedisStreamBroker, body: bytes) -> None:
+        message = BrokerMessage(task_id="t", task_name="tests.work", message=body, labels={})
+        await broker.kick(message)
+
+    async def scenario() -> tuple[bool, bytes, list[bytes], int]:
+        queue = f"q{uuid.uuid4().hex[:12]}"
+        options: dict[str, Any] = {
+            "queue_name": queue,
+            "consumer_group_name": queue,
+            "xread_block": 100,
+            "idle_timeout": 200,
+        }
+        sender = RedisStreamBroker(redis_server.url, **options)
+        await sender.startup()
+        for n in range(3):
+            await kick(sender, f"m{n}".encode())
+        raw = redis.asyncio.Redis.from_url(redis_server.url)
+        await raw.xreadgroup(queue, "dead-worker", {queue: ">"}, count=10)  # then it died
+        await asyncio.sleep(0.3)  # past idle_timeout
+
+        upstream = RedisStreamBroker(redis_server.url, **options)
+        await upstream.startup()
+        listening = upstream.listen()
+        first = asyncio.ensure_future(anext(listening))
+        await asyncio.sleep(1.0)
+        quiet = not first.done()  # ten reads later, nothing handed out
+        await kick(sender, b"nudge")
+        nudge = await first
+        await nudge.ack()  # type: ignore[misc]
+        nudged = nudge.data
+        await listening.aclose()
+        await upstream.shutdown()
+
+        reclaiming = ReclaimingRedisStreamBroker(redis_server.url, **options)
+        assert reclaiming.unacknowledged_lock_timeout == DEFAULT_LOCK_TIMEOUT
+        await reclaiming.startup()
+        recovered: list[bytes] = []
+        listening = reclaiming.listen()
+        while len(recovered) < 3:
+            step = asyncio.ensure_future(anext(listening))
+            await asyncio.wait({step}, timeout=5.0)
+            assert step.done(), f"only {recovered} recovered in time"
+            message = step.result()
+            recovered.append(message.data)
+            await message.ack()  # type: ignore[misc]
+        await listening.aclose()
+        await reclaiming.shutdown()
+        await sender.shutdown()
+        left = (await raw.xpending(queue, queue))["pending"]
+        await raw.aclose()
+        return quiet, nudged, recovered, left
+
+    quiet, nudged, recovered, left = asyncio.run(scenario())
+    assert quiet
+    assert nudged == b"nudge"  # only what was sent after
+    assert sorted(recovered) == [b"m0", b"m1", b"m2"]
+    assert left == 0  # each acknowledged by the consumer that took it over
+
+
+def logged(deployment: Deployment, line: str) -> Callable[[], bool]:
+    return lambda: line in deployment.lines("runs.log")
+
+
+def test_a_reclaiming_worker_stops_soon_after_sigterm(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """taskiq-redis's own broker can leave ``taskiq worker`` deaf to SIGTERM
+    (a cancelled read that redis-py swallows); the reclaiming broker stops
+    within a couple of reads (``xread_block`` is 0.2 s here), after the task
+    it runs has finished."""
+    monkeypatch.setenv("BGPLUS_BROKER", "reclaiming")
+    with deployment.web() as server, httpx2.Client(base_url=server.url) as client:
+        for round_no in range(3):
+            with deployment.worker(f"worker-{round_no}") as worker:
+                key = f"term{round_no}"
+                params: dict[str, Any] = {"kind": "taskiq", "key": key, "seconds": 0.5}
+                client.post("/run", params=params).raise_for_status()
+                until(logged(deployment, f"start {key}"), 10, "the task to start")
+                sent = time.monotonic()
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(timeout=15)
+                stopped = time.monotonic() - sent
+                assert f"end {key}" in deployment.lines("runs.log")  # it ran to its end
+                assert stopped < 5.0, stopped
+                print(f"\nstopped {stopped:.1f} s after SIGTERM")

@@ -6,7 +6,9 @@ environment (the web app in tests/apps/taskiq_app.py builds the same one).
 ``BGPLUS_MARKERS``, a directory where the task appends ``start KEY`` and
 ``end KEY`` to ``runs.log`` (and the trace id it runs under to ``trace.log``),
 signal receivers append ``SIGNAL TASK_ID`` to ``signals.log``, and the worker
-writes ``ready.PID`` once started; ``BGPLUS_LEASE_TTL``, seconds.
+writes ``ready.PID`` once started; ``BGPLUS_LEASE_TTL``, seconds;
+``BGPLUS_BROKER=reclaiming`` for `ReclaimingRedisStreamBroker` instead of
+taskiq-redis's own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from taskiq_redis import RedisStreamBroker
 
 from fastapi_bgplus import RedisStore, signals
 from fastapi_bgplus.taskiq import TrackingMiddleware
+from fastapi_bgplus.taskiq_redis import ReclaimingRedisStreamBroker
 
 IDLE_TIMEOUT_MS = 3000
 """How long a delivered, unacknowledged message waits before another worker takes it."""
@@ -43,7 +46,10 @@ class Setup:
         self.middleware = TrackingMiddleware(
             self.store, lease_ttl=float(os.environ.get("BGPLUS_LEASE_TTL", "30"))
         )
-        self.broker = RedisStreamBroker(
+        broker: type[RedisStreamBroker] = RedisStreamBroker
+        if os.environ.get("BGPLUS_BROKER") == "reclaiming":
+            broker = ReclaimingRedisStreamBroker
+        self.broker = broker(
             self.url,
             queue_name=self.queue,
             consumer_group_name=self.queue,
