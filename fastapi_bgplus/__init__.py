@@ -56,7 +56,7 @@ else:
         BackgroundTasks = TrackedBackgroundTasks
         __all__.remove("get_background_tasks")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -59,13 +59,20 @@ class _NewCollectionType(type):
 
 
 class _NewCollection(metaclass=_NewCollectionType):
-    """Stands for `TrackedBackgroundTasks` in the runtime annotation.
+    """fastapi_bgplus.BackgroundTasks: the request's background tasks.
 
-    FastAPI before 0.128.2 refuses ``Depends`` on a parameter whose type is a
-    Starlette ``BackgroundTasks`` subclass (``AssertionError: Cannot specify
-    Depends for type ...``), so the alias must not name the class itself at
-    runtime. Called, as the alias is, it builds the real collection.
+    Annotate an endpoint's or a dependency's parameter with it to receive the
+    request's `TrackedBackgroundTasks` (one per request, shared by all who ask):
+    ``async def create_user(background_tasks: BackgroundTasks): ...``. Called,
+    ``BackgroundTasks()`` builds a new `TrackedBackgroundTasks`, for
+    ``Response(..., background=...)``. For ``isinstance`` and subclassing, use
+    `TrackedBackgroundTasks`: this name is an ``Annotated`` alias.
     """
+
+    # Why a stand-in class: FastAPI before 0.128.2 refuses ``Depends`` on a
+    # parameter whose type is a Starlette ``BackgroundTasks`` subclass
+    # ("Cannot specify Depends for type ..."), so the alias must not name the
+    # class itself at run time. Called, as the alias is, it builds the real one.
 
     def __new__(  # type: ignore[misc]  # builds a collection, not an instance of this class
         cls, tasks: Sequence[BackgroundTask] | None = None

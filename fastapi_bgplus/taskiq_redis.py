@@ -117,4 +117,4 @@ def _raise_if_cancelled() -> None:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
     if cancelling is not None and cancelling():
-        raise asyncio.CancelledError
+        raise asyncio.CancelledError  # pragma: no cover  (tested in a subprocess: SIGTERM)

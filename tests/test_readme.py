@@ -55,3 +55,14 @@ def test_the_docs_home_page_is_the_readme() -> None:
     expected = README.read_text().replace("(docs/", "(")
     changelog = "https://github.com/fastapi-bgplus/fastapi-bgplus/blob/main/CHANGELOG.md"
     assert index == expected.replace("(CHANGELOG.md)", f"({changelog})")
+
+
+def test_the_version_is_the_latest_release_of_the_changelog() -> None:
+    import re
+
+    import fastapi_bgplus
+
+    changelog = (README.parent / "CHANGELOG.md").read_text()
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, re.M)
+    assert releases, "no dated release in CHANGELOG.md"
+    assert fastapi_bgplus.__version__ == releases[0]

@@ -430,6 +430,8 @@ def test_the_reclaiming_broker_takes_a_dead_consumers_messages_on_a_quiet_stream
 
         reclaiming = ReclaimingRedisStreamBroker(redis_server.url, **options)
         assert reclaiming.unacknowledged_lock_timeout == DEFAULT_LOCK_TIMEOUT
+        kept = ReclaimingRedisStreamBroker(redis_server.url, unacknowledged_lock_timeout=2.5)
+        assert kept.unacknowledged_lock_timeout == 2.5
         await reclaiming.startup()
         recovered: list[bytes] = []
         listening = reclaiming.listen()
@@ -440,6 +442,15 @@ def test_the_reclaiming_broker_takes_a_dead_consumers_messages_on_a_quiet_stream
             message = step.result()
             recovered.append(message.data)
             await message.ack()  # type: ignore[misc]
+        # New messages come as before, read after read.
+        for body in (b"fresh", b"fresher"):
+            await kick(sender, body)
+            step = asyncio.ensure_future(anext(listening))
+            await asyncio.wait({step}, timeout=5.0)
+            assert step.done(), "a new message never came"
+            fresh = step.result()
+            await fresh.ack()  # type: ignore[misc]
+            recovered.append(fresh.data)
         await listening.aclose()
         await reclaiming.shutdown()
         await sender.shutdown()
@@ -450,7 +461,8 @@ def test_the_reclaiming_broker_takes_a_dead_consumers_messages_on_a_quiet_stream
     quiet, nudged, recovered, left = asyncio.run(scenario())
     assert quiet
     assert nudged == b"nudge"  # only what was sent after
-    assert sorted(recovered) == [b"m0", b"m1", b"m2"]
+    assert sorted(recovered[:3]) == [b"m0", b"m1", b"m2"]
+    assert recovered[3:] == [b"fresh", b"fresher"]
     assert left == 0  # each acknowledged by the consumer that took it over
 
 
