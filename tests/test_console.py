@@ -518,17 +518,18 @@ def test_the_console_routes_answer_503_until_the_lifespan_runs(anyio_backend: Ba
 
 def test_the_cancel_route(anyio_backend: Backend) -> None:
     tracker = TaskTracker(detach=True)
-    gate = Gate()
+    gates: list[Gate] = []  # built on the loop (older anyio makes events there only)
     app = console_app(tracker, allow_cancel=True)
 
     @app.post("/slow")
     async def slow(background: BackgroundTasks) -> dict[str, str]:
-        return {"task_id": background.add_task(gate).task_id}
+        gates.append(Gate())
+        return {"task_id": background.add_task(gates[-1]).task_id}
 
     with TestClient(app, backend=anyio_backend) as client:
         task_id = client.post("/slow").json()["task_id"]
         assert client.portal is not None
-        client.portal.call(gate.running.wait)
+        client.portal.call(gates[0].running.wait)
         # A cross-site form could send this one: refused.
         form = client.post(
             f"/tasks/{task_id}/cancel",
@@ -723,18 +724,19 @@ async def test_the_event_stream_says_so_when_the_tracker_does_not_serve() -> Non
 
 def test_the_dashboard_cancels_when_allowed(anyio_backend: Backend) -> None:
     tracker = TaskTracker(detach=True)
-    gate = Gate()
+    gates: list[Gate] = []  # built on the loop (older anyio makes events there only)
     app = dashboard_app(tracker, allow_cancel=True)
 
     @app.post("/slow")
     async def slow(background: BackgroundTasks) -> dict[str, str]:
-        return {"task_id": background.add_task(gate).task_id}
+        gates.append(Gate())
+        return {"task_id": background.add_task(gates[-1]).task_id}
 
     with TestClient(app, backend=anyio_backend) as client:
         assert '{"cancel": true}' in client.get("/tasks/dashboard", auth=("ops", "pass")).text
         task_id = client.post("/slow").json()["task_id"]
         assert client.portal is not None
-        client.portal.call(gate.running.wait)
+        client.portal.call(gates[0].running.wait)
         url = f"/tasks/dashboard/tasks/{task_id}/cancel"
         form = client.post(url, data={"x": "1"}, auth=("ops", "pass"))
         assert form.status_code == 403
