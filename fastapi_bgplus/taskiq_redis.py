@@ -66,21 +66,37 @@ class ReclaimingRedisStreamBroker(RedisStreamBroker):
         streams = {self.queue_name: ">", **self.additional_streams}
         async with Redis(connection_pool=self.connection_pool) as redis:
             while True:
-                fetched: Any = await redis.xreadgroup(
-                    self.consumer_group_name,
-                    self.consumer_name,
-                    streams,  # type: ignore[arg-type]
-                    block=self.block,
-                    noack=False,
-                    count=self.count,
-                )
-                _raise_if_cancelled()
+                fetched = await self._read(redis, streams)
                 for stream, messages in fetched or ():
                     for message_id, message in messages:
                         yield self._ackable(stream, message_id, message)
                 for stream in streams:
                     for message_id, message in await self._claim_idle(redis, stream):
                         yield self._ackable(stream, message_id, message)
+
+    async def _read(self, redis: Redis, streams: dict[str, Any]) -> Any:
+        """One read of the streams, in a task of its own, so that a
+        cancellation (taskiq's worker cancels the read at shutdown) always
+        reaches this generator: awaited directly, redis-py can lose one that
+        lands as the blocking read returns, and the worker then reads for
+        ever, deaf to SIGTERM. Cancelled, the read is told to stop too; what it
+        may still fetch stays unacknowledged, for another worker to claim."""
+        read = asyncio.ensure_future(
+            redis.xreadgroup(
+                self.consumer_group_name,
+                self.consumer_name,
+                streams,  # type: ignore[arg-type]
+                block=self.block,
+                noack=False,
+                count=self.count,
+            )
+        )
+        try:
+            return await asyncio.shield(read)
+        except asyncio.CancelledError:
+            read.cancel()
+            read.add_done_callback(_retrieve)
+            raise
 
     async def _claim_idle(self, redis: Redis, stream: str) -> list[Any]:
         """The messages of `stream` left unacknowledged for `idle_timeout`,
@@ -106,15 +122,6 @@ class ReclaimingRedisStreamBroker(RedisStreamBroker):
         )
 
 
-def _raise_if_cancelled() -> None:
-    """Stop if this task was cancelled during the read that just returned.
-
-    taskiq's worker cancels its read of the stream at shutdown; a cancellation
-    that arrives as the blocking read returns is lost inside redis-py, and the
-    read loop goes on for ever: the worker ignores SIGTERM. The task still
-    counts the cancellation (`asyncio.Task.cancelling`), so the loop stops here.
-    """
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
-    if cancelling is not None and cancelling():
-        raise asyncio.CancelledError  # pragma: no cover  (tested in a subprocess: SIGTERM)
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    """Take the outcome of a read nobody awaits any more (no "never retrieved" log)."""
+    read.cancelled() or read.exception()

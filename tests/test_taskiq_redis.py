@@ -441,6 +441,13 @@ def test_the_reclaiming_broker_takes_a_dead_consumers_messages_on_a_quiet_stream
             message = step.result()
             recovered.append(message.data)
             await message.ack()  # type: ignore[misc]
+        # A read cancelled while it waits ends the generator's task at once.
+        waiting = asyncio.ensure_future(anext(listening))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await asyncio.wait({waiting}, timeout=5.0)
+        assert waiting.cancelled()
+        listening = reclaiming.listen()
         # New messages come as before, read after read.
         for body in (b"fresh", b"fresher"):
             await kick(sender, body)
